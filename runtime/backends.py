@@ -1,0 +1,167 @@
+"""One backend per artifact kind. Each opens an artifact and runs a batch of named inputs.
+
+A backend is deliberately small: ``manifest`` (the embedded record, or ``None`` when
+opened without one, as the compiler does to verify an artifact before it embeds the
+manifest) and ``run(feeds) -> {output name: array}``. Only the ONNX backend is imported
+on the serving path of an ONNX artifact; TensorFlow is imported inside the other two.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from runtime import manifest as manifest_lib
+from runtime.errors import ArtifactError
+
+
+class Backend(Protocol):
+    manifest: dict[str, Any] | None
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+def artifact_format(path: str | os.PathLike) -> str:
+    """The artifact kind of ``path`` by its form: ``onnx``, ``keras`` or ``savedmodel``.
+
+    Raises:
+        ArtifactError: the path does not exist or is none of the three kinds.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"Artifact {path} does not exist.")
+    if path.is_dir():
+        if (path / "saved_model.pb").is_file():
+            return "savedmodel"
+        raise ArtifactError(
+            f"Artifact {path} is a directory without saved_model.pb, so it is not a SavedModel."
+        )
+    if path.suffix.lower() == ".onnx":
+        return "onnx"
+    if path.suffix.lower() == ".keras":
+        return "keras"
+    raise ArtifactError(
+        f"Artifact {path} is neither an .onnx file, a .keras file nor a SavedModel directory."
+    )
+
+
+def open_backend(path: str | os.PathLike, *, read_manifest: bool = True) -> Backend:
+    """Open ``path`` with the backend its form calls for."""
+    kind = artifact_format(path)
+    opener = {"onnx": OnnxBackend, "savedmodel": SavedModelBackend, "keras": KerasBackend}[kind]
+    return opener(Path(path), read_manifest=read_manifest)
+
+
+class OnnxBackend:
+    """ONNX Runtime on the CPU. ``InferenceSession.run`` is safe to call from many threads."""
+
+    def __init__(self, path: Path, *, read_manifest: bool = True) -> None:
+        import onnxruntime
+
+        self.path = path
+        try:
+            # onnxruntime resolves external data relative to the model file, so load by path.
+            self.session = onnxruntime.InferenceSession(
+                str(path), providers=["CPUExecutionProvider"]
+            )
+        except Exception as error:  # onnxruntime raises its own untyped errors
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise ArtifactError(
+                f"Artifact {path} could not be opened by ONNX Runtime: {first_line}"
+            ) from None
+        self.output_names = [output.name for output in self.session.get_outputs()]
+        self.manifest = None
+        if read_manifest:
+            metadata = self.session.get_modelmeta().custom_metadata_map
+            text = metadata.get(manifest_lib.ONNX_METADATA_KEY)
+            if text is None:
+                raise ArtifactError(
+                    f"Artifact {path} is an ONNX model without a fuser manifest "
+                    f"(metadata '{manifest_lib.ONNX_METADATA_KEY}'); build it with fuser."
+                )
+            self.manifest = manifest_lib.loads(text, str(path))
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        values = self.session.run(self.output_names, feeds)
+        return dict(zip(self.output_names, values))
+
+
+class SavedModelBackend:
+    """A SavedModel's ``serving_default`` signature, through TensorFlow (imported here only)."""
+
+    def __init__(self, path: Path, *, read_manifest: bool = True) -> None:
+        import tensorflow as tf
+
+        self.path = path
+        self._tf = tf
+        try:
+            loaded = tf.saved_model.load(str(path))
+        except Exception as error:
+            raise ArtifactError(
+                f"Artifact {path} could not be loaded as a SavedModel: {_first_line(error)}"
+            ) from None
+        if "serving_default" not in loaded.signatures:
+            raise ArtifactError(f"Artifact {path} has no 'serving_default' signature.")
+        self._loaded = loaded  # keeps the variables the signature refers to alive
+        self.signature = loaded.signatures["serving_default"]
+        self.manifest = None
+        if read_manifest:
+            asset = path / manifest_lib.SAVEDMODEL_ASSET
+            if not asset.is_file():
+                raise ArtifactError(
+                    f"Artifact {path} is a SavedModel without a fuser manifest "
+                    f"({manifest_lib.SAVEDMODEL_ASSET}); build it with fuser."
+                )
+            self.manifest = manifest_lib.loads(asset.read_bytes(), str(asset))
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        tf = self._tf
+        outputs = self.signature(**{name: tf.constant(value) for name, value in feeds.items()})
+        return {name: tensor.numpy() for name, tensor in outputs.items()}
+
+
+class KerasBackend:
+    """A ``.keras`` file loaded with Keras in safe mode, called inside one ``tf.function``."""
+
+    def __init__(self, path: Path, *, read_manifest: bool = True) -> None:
+        self.path = path
+        self.manifest = None
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = set(archive.namelist())
+                if read_manifest:
+                    if manifest_lib.KERAS_ZIP_ENTRY not in names:
+                        raise ArtifactError(
+                            f"Artifact {path} is a .keras file without a fuser manifest "
+                            f"({manifest_lib.KERAS_ZIP_ENTRY}); build it with fuser."
+                        )
+                    self.manifest = manifest_lib.loads(
+                        archive.read(manifest_lib.KERAS_ZIP_ENTRY), str(path)
+                    )
+        except zipfile.BadZipFile:
+            raise ArtifactError(f"Artifact {path} is not a valid .keras (zip) file.") from None
+
+        import keras
+        import tensorflow as tf
+
+        try:
+            self.model = keras.models.load_model(path, compile=False, safe_mode=True)
+        except Exception as error:
+            raise ArtifactError(
+                f"Artifact {path} could not be loaded by Keras: {_first_line(error)}"
+            ) from None
+        model = self.model
+        self._function = tf.function(lambda feeds: model(feeds, training=False))
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outputs = self._function(feeds)
+        return {name: tensor.numpy() for name, tensor in outputs.items()}
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -1,0 +1,77 @@
+"""Turning what a caller passes into the named, typed arrays an artifact expects."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from runtime.manifest import TensorSpec, format_shape
+
+
+def prepare_feeds(inputs: Sequence[TensorSpec], x: Any) -> dict[str, np.ndarray]:
+    """Check ``x`` against the input specs and return ``{input name: contiguous array}``.
+
+    ``x`` is an array (or nested list) for a one-input model; a dict keyed by input name
+    or a sequence in input order for several inputs. Float64 is cast to float32 and ints
+    to floats where the model expects floats; nothing lossy is done silently.
+
+    Raises:
+        ValueError: wrong inputs, rank, shape, or differing batch sizes.
+        TypeError: non-numeric values, or floats where the model expects integers.
+    """
+    names = [spec.name for spec in inputs]
+    if len(inputs) == 1:
+        if isinstance(x, Mapping):
+            if list(x) != names:
+                raise ValueError(f"Expected the one input {names}, received keys {sorted(x)}.")
+            x = x[names[0]]
+        values = [x]
+    elif isinstance(x, Mapping):
+        unknown = sorted(set(x) - set(names))
+        missing = [name for name in names if name not in x]
+        if unknown or missing:
+            raise ValueError(f"Expected inputs {names}; missing {missing}, unknown {unknown}.")
+        values = [x[name] for name in names]
+    elif isinstance(x, Sequence) and not isinstance(x, (str, bytes)) and len(x) == len(names):
+        values = list(x)
+    else:
+        raise ValueError(
+            f"This model has {len(names)} inputs {names}: pass a dict keyed by input name or "
+            f"a sequence of {len(names)} arrays, not {type(x).__name__}."
+        )
+    feeds = {spec.name: _conform(spec, value) for spec, value in zip(inputs, values)}
+    batches = {name: value.shape[0] for name, value in feeds.items()}
+    if len(set(batches.values())) > 1:
+        raise ValueError(f"All inputs must have the same batch size, received {batches}.")
+    return feeds
+
+
+def _conform(spec: TensorSpec, value: Any) -> np.ndarray:
+    expected = np.dtype(spec.dtype)
+    try:
+        array = np.asarray(value)
+    except (ValueError, TypeError) as error:
+        raise ValueError(
+            f"Input '{spec.name}' could not be read as an array ({error}); "
+            f"expected shape {format_shape(spec.shape)} of {expected}."
+        ) from None
+    if array.dtype.kind not in "biuf":
+        raise TypeError(
+            f"Input '{spec.name}' expects numbers ({expected}), received an array of "
+            f"dtype {array.dtype}."
+        )
+    if expected.kind in "iu" and array.dtype.kind == "f":
+        raise TypeError(
+            f"Input '{spec.name}' expects integers ({expected}), received {array.dtype}; "
+            "cast explicitly if the values are whole numbers."
+        )
+    if array.ndim != len(spec.shape) or any(
+        want is not None and want != got for want, got in zip(spec.shape[1:], array.shape[1:])
+    ):
+        raise ValueError(
+            f"Input '{spec.name}' expects shape {format_shape(spec.shape)}, "
+            f"received {format_shape(array.shape)}."
+        )
+    return np.ascontiguousarray(array, dtype=expected)

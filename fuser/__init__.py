@@ -27,7 +27,6 @@ def build(members: Any, head: Any = "mean", **options: Any) -> Ensemble:
     return _build(members, head, **options)
 
 
-
 def __getattr__(name: str) -> Any:
     if name == "Ensemble":
         from fuser.ensemble import Ensemble

@@ -113,9 +113,7 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     build.set_defaults(handler=_build)
 
-    inspect = commands.add_parser(
-        "inspect", parents=[common], help="show an artifact's manifest"
-    )
+    inspect = commands.add_parser("inspect", parents=[common], help="show an artifact's manifest")
     inspect.add_argument("artifact", type=Path, metavar="ARTIFACT")
     inspect.add_argument("--json", action="store_true", help="print the raw manifest JSON")
     inspect.set_defaults(handler=_inspect)
@@ -160,7 +158,9 @@ def _build(arguments: argparse.Namespace) -> int:
     )
     # Refuse a format that cannot hold a member before writing any artifact.
     problems = [
-        problem for path in arguments.output for problem in export.format_problems(path, ensemble.members)
+        problem
+        for path in arguments.output
+        for problem in export.format_problems(path, ensemble.members)
     ]
     if problems:
         raise FuseError(problems)
@@ -204,14 +204,18 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     if kind == "savedmodel":
         asset = path / manifest_lib.SAVEDMODEL_ASSET
         if not asset.is_file():
-            raise ArtifactError(f"Artifact {path} has no fuser manifest ({manifest_lib.SAVEDMODEL_ASSET}).")
+            raise ArtifactError(
+                f"Artifact {path} has no fuser manifest ({manifest_lib.SAVEDMODEL_ASSET})."
+            )
         return manifest_lib.loads(asset.read_bytes(), str(asset))
     if kind == "keras":
         try:
             with zipfile.ZipFile(path) as archive:
                 return manifest_lib.loads(archive.read(manifest_lib.KERAS_ZIP_ENTRY), str(path))
         except (zipfile.BadZipFile, KeyError):
-            raise ArtifactError(f"Artifact {path} is not a .keras file with a fuser manifest.") from None
+            raise ArtifactError(
+                f"Artifact {path} is not a .keras file with a fuser manifest."
+            ) from None
     import onnx
 
     try:
@@ -229,7 +233,9 @@ def describe_manifest(manifest: dict[str, Any], source: str) -> str:
     from runtime.manifest import specs
 
     artifact = manifest["artifact"]
-    details = ", ".join(f"{key} {value}" for key, value in sorted(artifact.items()) if key != "format")
+    details = ", ".join(
+        f"{key} {value}" for key, value in sorted(artifact.items()) if key != "format"
+    )
     lines = [f"artifact   {source} ({artifact['format']}{', ' + details if details else ''})"]
     lines.append(f"created    {manifest.get('created', '?')}")
     head = manifest["head"]
@@ -253,7 +259,9 @@ def describe_manifest(manifest: dict[str, Any], source: str) -> str:
             f"probe rows (tolerance {record['tolerance']:g})"
         )
     versions = manifest.get("versions", {})
-    lines.append("versions   " + ", ".join(f"{key} {value}" for key, value in sorted(versions.items())))
+    lines.append(
+        "versions   " + ", ".join(f"{key} {value}" for key, value in sorted(versions.items()))
+    )
     return "\n".join(lines)
 
 
@@ -294,7 +302,9 @@ def _read_batch(path: Path, names: list[str]) -> Any:
     try:
         data = np.load(path, allow_pickle=False)  # never unpickle user files
     except ValueError as error:
-        raise ValueError(f"Input file {path} could not be read without unpickling ({error}).") from None
+        raise ValueError(
+            f"Input file {path} could not be read without unpickling ({error})."
+        ) from None
     if isinstance(data, np.ndarray):
         return data
     with data:

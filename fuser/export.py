@@ -59,7 +59,9 @@ def destination_problems(paths: Sequence[Path], *, force: bool) -> list[str]:
                 "files, or SavedModel directories (any other path)."
             )
         elif path.exists() and not force:
-            problems.append(f"The output {path} already exists; pass --force (force=True) to replace it.")
+            problems.append(
+                f"The output {path} already exists; pass --force (force=True) to replace it."
+            )
     return problems
 
 

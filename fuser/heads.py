@@ -67,6 +67,4 @@ def make_head(head: str | Head, **options: Any) -> Head:
     try:
         return HEADS[head](**options)
     except TypeError:
-        raise FuseError(
-            f"The {head!r} head takes no options {sorted(options)}."
-        ) from None
+        raise FuseError(f"The {head!r} head takes no options {sorted(options)}.") from None

@@ -189,8 +189,12 @@ def load_members(
     safe_mode: bool = True,
     custom_objects: dict[str, Any] | None = None,
     on_loaded: Callable[[Member], None] | None = None,
-) -> list[Member]:
+) -> tuple[list[Member], float]:
     """Load all members, ``jobs`` at a time, and report every failure at once.
+
+    Returns:
+        The members in the order given, and the wall time of loading (TensorFlow's
+        import excluded).
 
     Raises:
         FuseError: one sentence per member that could not be loaded.
@@ -206,7 +210,7 @@ def load_members(
         raise FuseError(problems)
 
     tensorflow()  # import once here, not racing in the worker threads
-
+    started = time.perf_counter()
     jobs = jobs or min(len(specs), os.cpu_count() or 1)
     loaded: dict[str, Member] = {}
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
@@ -225,7 +229,7 @@ def load_members(
                 on_loaded(member)
     if problems:
         raise FuseError(problems)
-    return [loaded[spec.name] for spec in specs]
+    return [loaded[spec.name] for spec in specs], time.perf_counter() - started
 
 
 def _load_one(
@@ -236,7 +240,11 @@ def _load_one(
         inputs, outputs, model = _load_savedmodel(spec)
         parameters = int(sum(int(weight.numpy().size) for weight in model.weights))
     else:
-        model = spec.model if member_format == "memory" else _load_keras(spec, safe_mode, custom_objects)
+        model = (
+            spec.model
+            if member_format == "memory"
+            else _load_keras(spec, safe_mode, custom_objects)
+        )
         inputs, outputs = _keras_signature(spec, model)
         parameters = int(model.count_params())
     return Member(
@@ -260,7 +268,9 @@ def _load_keras(spec: MemberSpec, safe_mode: bool, custom_objects: dict[str, Any
             spec.source, compile=False, safe_mode=safe_mode, custom_objects=custom_objects
         )
     except Exception as error:
-        raise FuseError(f"{spec.describe()} could not be loaded: {_explain_load_error(error)}") from None
+        raise FuseError(
+            f"{spec.describe()} could not be loaded: {_explain_load_error(error)}"
+        ) from None
 
 
 def _explain_load_error(error: BaseException) -> str:
@@ -281,7 +291,9 @@ def _explain_load_error(error: BaseException) -> str:
     return first[:300] + ("…" if len(first) > 300 else "")
 
 
-def _keras_signature(spec: MemberSpec, model: Any) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+def _keras_signature(
+    spec: MemberSpec, model: Any
+) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
     try:
         input_tensors = list(model.inputs)
         output_tensors = list(model.outputs)
@@ -304,7 +316,9 @@ def _keras_signature(spec: MemberSpec, model: Any) -> tuple[tuple[TensorSpec, ..
     return inputs, outputs
 
 
-def _load_savedmodel(spec: MemberSpec) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...], Any]:
+def _load_savedmodel(
+    spec: MemberSpec,
+) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...], Any]:
     """Read the ``serving_default`` signature from the protobuf, then load the graph once."""
     import tensorflow as tf
     from tensorflow.core.protobuf import saved_model_pb2
@@ -326,7 +340,10 @@ def _load_savedmodel(spec: MemberSpec) -> tuple[tuple[TensorSpec, ...], tuple[Te
             "tf.saved_model.save a serving_default signature."
         )
     signature = signatures["serving_default"]
-    inputs = tuple(_spec_from_tensor_info(spec, name, info, tf) for name, info in sorted(signature.inputs.items()))
+    inputs = tuple(
+        _spec_from_tensor_info(spec, name, info, tf)
+        for name, info in sorted(signature.inputs.items())
+    )
     outputs = tuple(
         _spec_from_tensor_info(spec, name, info, tf)
         for name, info in sorted(signature.outputs.items(), key=lambda item: _natural_key(item[0]))

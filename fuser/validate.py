@@ -107,7 +107,9 @@ def _plan_inputs(
                 f"{first.describe()} has an input named {name!r}, which is not a valid tensor "
                 "name; rename the input in the member."
             )
-    fused = tuple(TensorSpec(name, _batch_free(merged[name].shape), merged[name].dtype) for name in names)
+    fused = tuple(
+        TensorSpec(name, _batch_free(merged[name].shape), merged[name].dtype) for name in names
+    )
     return fused, order
 
 

@@ -86,11 +86,14 @@ class FusedModel:
             results = self._backend.run(feeds)
         else:
             parts = [
-                self._backend.run({name: value[start : start + batch_size] for name, value in feeds.items()})
+                self._backend.run(
+                    {name: value[start : start + batch_size] for name, value in feeds.items()}
+                )
                 for start in range(0, rows, batch_size)
             ]
             results = {
-                spec.name: np.concatenate([part[spec.name] for part in parts]) for spec in self.outputs
+                spec.name: np.concatenate([part[spec.name] for part in parts])
+                for spec in self.outputs
             }
         if len(self.outputs) == 1:
             return results[self.outputs[0].name]

@@ -113,7 +113,10 @@ def check(data: Any, source: str) -> None:
         specs = data[key]
         if not isinstance(specs, list) or not specs:
             raise ManifestError(f"The manifest in {source} needs a non-empty list '{key}'.")
-        names = [TensorSpec.from_json(spec, f"{key}[{i}] in {source}").name for i, spec in enumerate(specs)]
+        names = [
+            TensorSpec.from_json(spec, f"{key}[{i}] in {source}").name
+            for i, spec in enumerate(specs)
+        ]
         if len(set(names)) != len(names):
             raise ManifestError(f"The manifest in {source} repeats names in '{key}': {names}.")
     artifact = data["artifact"]

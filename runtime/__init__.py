@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 
 from runtime import manifest as manifest_lib
-from runtime.backends import artifact_format, open_backend
+from runtime.backends import open_backend
 from runtime.errors import ArtifactError
 from runtime.inputs import prepare_feeds
-from runtime.manifest import ManifestError, TensorSpec, format_shape
+from runtime.manifest import ManifestError, TensorSpec
 
 __all__ = ["ArtifactError", "FusedModel", "ManifestError", "TensorSpec", "load"]
 

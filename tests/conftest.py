@@ -1,0 +1,131 @@
+"""Shared fixtures: small members in every format, built once per session.
+
+Members are tiny (a few thousand parameters) so the suite stays fast; they still
+exercise what matters: a Normalization layer whose constants must be frozen into the
+ONNX graph, Dropout (identity at inference), differing input names across formats.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+import pytest
+
+N_FEATURES, N_CLASSES = 20, 5
+
+
+def mlp(seed: int, *, input_name: str = "features", classes: int = N_CLASSES, width: int = 16):
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((N_FEATURES,), name=input_name)
+    x = keras.layers.Normalization(
+        mean=np.linspace(-1, 1, N_FEATURES), variance=np.full(N_FEATURES, 2.0)
+    )(inputs)
+    x = keras.layers.Dense(width, activation="relu")(x)
+    x = keras.layers.Dropout(0.3)(x)
+    outputs = keras.layers.Dense(classes, activation="softmax")(x)
+    return keras.Model(inputs, outputs)
+
+
+def two_in_two_out(seed: int, *, swap_inputs: bool = False):
+    """Inputs ``num`` (4,) and ``cat`` (3,); outputs ``score`` (1,) and ``probs`` (3,)."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    num = keras.Input((4,), name="num")
+    cat = keras.Input((3,), name="cat")
+    hidden = keras.layers.Dense(8, activation="tanh")(keras.layers.Concatenate()([num, cat]))
+    score = keras.layers.Dense(1, name="score")(hidden)
+    probs = keras.layers.Dense(3, activation="softmax", name="probs")(hidden)
+    inputs = [cat, num] if swap_inputs else [num, cat]
+    return keras.Model(inputs, [score, probs])
+
+
+@pytest.fixture(scope="session")
+def members_dir(tmp_path_factory) -> Path:
+    """One directory holding every member the tests use, in every format."""
+    import keras
+    import tensorflow as tf
+
+    root = tmp_path_factory.mktemp("members")
+    mlp(1).save(root / "a.keras")
+    mlp(2).save(root / "b.h5")
+    mlp(3).export(str(root / "c_export"), verbose=False)
+    tf.saved_model.save(mlp(4), str(root / "d_tfsave"))
+    mlp(5, input_name="other_name").save(root / "e.keras")
+
+    two_in_two_out(11).save(root / "multi_a.keras")
+    two_in_two_out(12, swap_inputs=True).save(root / "multi_b.keras")
+    two_in_two_out(13).export(str(root / "multi_c_export"), verbose=False)
+
+    mlp(6, classes=3).save(root / "three_classes.keras")
+    keras.utils.set_random_seed(7)
+    image = keras.Input((8, 8, 1), name="image")
+    conv = keras.layers.Conv2D(2, 3, activation="relu")(image)
+    keras.Model(image, keras.layers.Dense(N_CLASSES)(keras.layers.Flatten()(conv))).save(
+        root / "conv.keras"
+    )
+    ints = keras.Input((N_FEATURES,), dtype="int32", name="features")
+    cast = keras.layers.Dense(N_CLASSES)(keras.ops.cast(ints, "float32"))
+    keras.Model(ints, cast).save(root / "int_input.keras")
+    two_in_two_out(14).save(root / "multi_other.keras")
+    lam_in = keras.Input((N_FEATURES,), name="features")
+    lam_out = keras.layers.Lambda(lambda t: t * 2.0)(keras.layers.Dense(N_CLASSES)(lam_in))
+    keras.Model(lam_in, lam_out).save(root / "lambda.keras")
+    mlp(8).save_weights(root / "weights_only.weights.h5")
+
+    (root / "empty.keras").write_bytes(b"")
+    (root / "random.keras").write_bytes(np.random.default_rng(0).bytes(512))
+    (root / "random.h5").write_bytes(np.random.default_rng(1).bytes(512))
+    (root / "notes.txt").write_text("not a model\n")
+    data = (root / "a.keras").read_bytes()
+    (root / "truncated.keras").write_bytes(data[: len(data) // 2])
+    (root / "empty_dir").mkdir()
+    (root / "not_a_savedmodel").mkdir()
+    (root / "not_a_savedmodel" / "readme.txt").write_text("hello")
+    with zipfile.ZipFile(root / "a.keras") as archive:
+        assert "config.json" in archive.namelist()
+    return root
+
+
+def reference_outputs(paths: list[Path], x) -> list:
+    """Run each member on its own, the way a user would without fuser: a list of flat outputs."""
+    import keras
+    import tensorflow as tf
+
+    results = []
+    for path in paths:
+        if path.is_dir():
+            signature = tf.saved_model.load(str(path)).signatures["serving_default"]
+            (key, spec), *_rest = signature.structured_input_signature[1].items()
+            if isinstance(x, dict):
+                outputs = signature(
+                    **{k: tf.constant(x[k]) for k in signature.structured_input_signature[1]}
+                )
+            else:
+                outputs = signature(**{key: tf.constant(x, dtype=spec.dtype)})
+            results.append([outputs[name].numpy() for name in sorted(outputs)])
+        else:
+            model = keras.models.load_model(path, compile=False)
+            arguments = [x[tensor.name] for tensor in model.inputs] if isinstance(x, dict) else x
+            out = model(arguments, training=False)
+            results.append(
+                [np.asarray(o) for o in (out if isinstance(out, (list, tuple)) else [out])]
+            )
+    return results
+
+
+def member_mean(paths: list[Path], x) -> np.ndarray:
+    """The mean of one-output members, run one by one."""
+    return np.mean([outputs[0] for outputs in reference_outputs(paths, x)], axis=0)
+
+
+@pytest.fixture(scope="session")
+def features() -> np.ndarray:
+    return np.random.default_rng(42).normal(size=(13, N_FEATURES)).astype(np.float32)

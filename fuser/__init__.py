@@ -14,7 +14,14 @@ from typing import TYPE_CHECKING, Any
 from fuser.errors import FuseError, VerificationError
 
 __version__ = "0.1.0"
-__all__ = ["Ensemble", "FuseError", "VerificationError", "__version__", "build"]
+__all__ = [
+    "Ensemble",
+    "FuseError",
+    "VerificationError",
+    "__version__",
+    "build",
+    "import_tensorflow",
+]
 
 if TYPE_CHECKING:
     from fuser.ensemble import Ensemble
@@ -25,6 +32,14 @@ def build(members: Any, head: Any = "mean", **options: Any) -> Ensemble:
     from fuser.ensemble import build as _build
 
     return _build(members, head, **options)
+
+
+def import_tensorflow() -> Any:
+    """``import tensorflow`` without its C++ start-up chatter on stderr (``FUSER_TF_LOGS=1``
+    shows it). Scripts that train members before a build can call it first."""
+    from fuser._tf import tensorflow
+
+    return tensorflow()
 
 
 def __getattr__(name: str) -> Any:

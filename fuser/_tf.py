@@ -30,6 +30,24 @@ def tensorflow() -> Any:
 
 
 @contextlib.contextmanager
+def python_logs_quiet(*names: str) -> Iterator[None]:
+    """Raise the given Python loggers to ERROR for a block, then restore them.
+
+    TensorFlow and tf2onnx warn about their own deprecated internals on every ONNX
+    conversion; users who imported TensorFlow themselves keep their logger settings.
+    """
+    loggers = [logging.getLogger(name) for name in names]
+    saved = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, saved):
+            logger.setLevel(level)
+
+
+@contextlib.contextmanager
 def _stderr_silenced() -> Iterator[None]:
     try:
         sys.stderr.flush()

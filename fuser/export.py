@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
-import logging
 import os
 import shutil
 import uuid
@@ -123,11 +122,31 @@ def _write_onnx(ensemble: Ensemble, path: Path, opset: int) -> dict[str, Any]:
     import onnx
     import tensorflow as tf
     import tf2onnx
+
+    from fuser._tf import python_logs_quiet
+
+    with python_logs_quiet("tensorflow", "tf2onnx"):
+        model, output_tensors, input_tensors = _convert_to_onnx(ensemble, opset, tf, tf2onnx)
+    renames = {tensor: name for name, tensor in input_tensors.items()}
+    renames.update({tensor: name for name, tensor in output_tensors.items()})
+    _rename_values(model.graph, renames)
+    for value in [*model.graph.input, *model.graph.output]:
+        value.type.tensor_type.shape.dim[0].dim_param = "batch"
+    model.producer_name = "fuser"
+    from fuser import __version__
+
+    model.producer_version = __version__
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+    return {"opset": opset}
+
+
+def _convert_to_onnx(ensemble: Ensemble, opset: int, tf: Any, tf2onnx: Any) -> tuple:
+    """Freeze the serving function and convert it; returns (model, outputs, inputs) names."""
     from tensorflow.python.framework.convert_to_constants import (
         convert_variables_to_constants_v2,
     )
 
-    logging.getLogger("tf2onnx").setLevel(logging.ERROR)
     concrete = ensemble.serving_function(jit_compile=False).get_concrete_function()
     # Freezing turns captured variables and constants (a Normalization layer's mean, say)
     # into graph constants; unfrozen, tf2onnx would make them extra graph inputs.
@@ -142,18 +161,7 @@ def _write_onnx(ensemble: Ensemble, path: Path, opset: int) -> dict[str, Any]:
         output_names=[output_tensors[spec.name] for spec in ensemble.outputs],
         opset=opset,
     )
-    renames = {tensor: name for name, tensor in input_tensors.items()}
-    renames.update({tensor: name for name, tensor in output_tensors.items()})
-    _rename_values(model.graph, renames)
-    for value in [*model.graph.input, *model.graph.output]:
-        value.type.tensor_type.shape.dim[0].dim_param = "batch"
-    model.producer_name = "fuser"
-    from fuser import __version__
-
-    model.producer_version = __version__
-    onnx.checker.check_model(model, full_check=True)
-    onnx.save(model, str(path))
-    return {"opset": opset}
+    return model, output_tensors, input_tensors
 
 
 def _rename_values(graph: Any, renames: dict[str, str]) -> None:
@@ -171,7 +179,7 @@ def _write_savedmodel(ensemble: Ensemble, path: Path, opset: int) -> dict[str, A
     archive = ExportArchive()
     archive.track(ensemble.model)
     archive.add_endpoint("serving_default", ensemble.serving_function(jit_compile=ensemble.xla))
-    with contextlib.redirect_stdout(open(os.devnull, "w")):
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
         archive.write_out(str(path), verbose=False)
     return {"signature": "serving_default", "xla": ensemble.xla}
 

@@ -1,0 +1,45 @@
+"""The digits example runs end to end and shows a fused ensemble that agrees with its members."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import runtime
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "digits.py"
+
+
+@pytest.mark.slow
+def test_digits_example_builds_a_fused_ensemble_and_reports_its_gains(tmp_path):
+    finished = subprocess.run(
+        [sys.executable, str(EXAMPLE), "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    report = finished.stdout
+    accuracies = dict(re.findall(r"^   (\w+)\s+(0\.\d{4})$", report, flags=re.MULTILINE))
+    assert set(accuracies) == {"small", "wide", "deep", "conv", "normed", "ensemble"}
+    assert float(accuracies["ensemble"]) > 0.85
+    difference = float(re.search(r"max abs difference (\S+)", report).group(1))
+    assert difference <= 1e-4
+    for label in ("model.predict", "tf.function each", "fused ONNX artifact (runtime)"):
+        assert re.search(rf"{re.escape(label)}\s+\d+\.\d+ ms", report), label
+    assert re.search(r"starts [\d.]+x faster with [\d.]+x less memory", report)
+
+    served = runtime.load(tmp_path / "digits.onnx")
+    assert [member["name"] for member in served.manifest["members"]] == [
+        "small",
+        "wide",
+        "deep",
+        "conv",
+        "normed",
+    ]
+    assert {member["format"] for member in served.manifest["members"]} >= {"keras", "h5"}
+    assert runtime.load(tmp_path / "digits_savedmodel").format == "savedmodel"

@@ -139,6 +139,7 @@ def _build(arguments: argparse.Namespace) -> int:
     problems = export.destination_problems(arguments.output, force=arguments.force)
     problems += export.check_opset(arguments.opset)
     custom_objects = _custom_objects(arguments.custom_objects, problems)
+    problems += _early_format_problems(arguments.members, arguments.output)
     if problems:
         raise FuseError(problems)
 
@@ -167,6 +168,31 @@ def _build(arguments: argparse.Namespace) -> int:
     for path in arguments.output:
         ensemble.save(path, force=arguments.force, opset=arguments.opset)
     return EXIT_OK
+
+
+def _early_format_problems(members: list[str], outputs: list[Path]) -> list[str]:
+    """Formats that cannot hold some member, found before anything is loaded.
+
+    Detecting a member's format reads only its files, so a build bound to fail at the
+    writing stage fails in a second instead of after loading and fusing.
+    """
+    from types import SimpleNamespace
+
+    from fuser import export
+    from fuser.members import detect_format, parse_specs
+
+    try:
+        specs = parse_specs(members)
+    except FuseError:
+        return []  # the build reports it, with every other problem
+    detected = []
+    for spec in specs:
+        try:
+            kind = detect_format(spec)
+        except FuseError:
+            continue
+        detected.append(SimpleNamespace(describe=spec.describe, format=kind, source=spec.source))
+    return [problem for path in outputs for problem in export.format_problems(path, detected)]
 
 
 def _custom_objects(specs: list[str], problems: list[str]) -> dict[str, Any] | None:

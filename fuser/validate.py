@@ -54,7 +54,7 @@ def plan(members: Sequence[Member], *, input_name: str | None = None) -> Plan:
     first = members[0]
     if input_name is not None and len(first.inputs) != 1:
         problems.append(
-            f"--input-name applies to members with one input; {first.describe()} has "
+            f"--input-name applies to members with one input; {_mention(first)} has "
             f"{len(first.inputs)} ({', '.join(spec.name for spec in first.inputs)})."
         )
     if input_name is not None and not _VALID_TENSOR_NAME.match(input_name):
@@ -94,7 +94,7 @@ def _plan_inputs(
             continue
         if set(member_names) != set(names):
             problems.append(
-                f"{member.describe()} has inputs named {member_names}, but {first.describe()} "
+                f"{member.describe()} has inputs named {member_names}, but {_mention(first)} "
                 f"has {names}; members with several inputs are matched by input name."
             )
             continue
@@ -166,7 +166,7 @@ def _merge(
     if kind == "input" and spec.dtype != fused.dtype:
         problems.append(
             f"{member.describe()} expects {kind} {spec.name!r} of dtype {spec.dtype}, but "
-            f"{first.describe()} expects {fused.dtype}; members must share one input dtype."
+            f"{_mention(first)} expects {fused.dtype}; members must share one input dtype."
         )
     if len(spec.shape) != len(fused.shape) or any(
         a is not None and b is not None and a != b for a, b in zip(spec.shape[1:], fused.shape[1:])
@@ -174,7 +174,7 @@ def _merge(
         verb = "expects" if kind == "input" else "produces"
         problems.append(
             f"{member.describe()} {verb} {kind} {spec.name!r} of shape {format_shape(spec.shape)}, but "
-            f"{first.describe()} {verb} {format_shape(fused.shape)}; members must share one {kind} "
+            f"{_mention(first)} {verb} {format_shape(fused.shape)}; members must share one {kind} "
             "shape (batch aside)."
         )
         return fused
@@ -185,7 +185,7 @@ def _merge(
 def _count_problem(member: Member, first: Member, kind: str, theirs, ours) -> str:
     return (
         f"{member.describe()} has {len(theirs)} {kind}s ({', '.join(spec.name for spec in theirs)}), "
-        f"but {first.describe()} has {len(ours)} ({', '.join(spec.name for spec in ours)}); "
+        f"but {_mention(first)} has {len(ours)} ({', '.join(spec.name for spec in ours)}); "
         f"members must have the same number of {kind}s."
     )
 
@@ -211,3 +211,9 @@ def _unique(names: list[str]) -> list[str]:
             candidate, index = f"{name}_{index}", index + 1
         result.append(candidate)
     return result
+
+
+def _mention(member: Member) -> str:
+    """The member as named mid-sentence: 'member "a" (a.keras)'."""
+    description = member.describe()
+    return description[:1].lower() + description[1:]

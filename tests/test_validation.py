@@ -61,19 +61,19 @@ BAD_BUILDS = [
     pytest.param(
         ["a.keras", "conv.keras"],
         {},
-        r'Member "conv" \(conv\.keras\) expects input \'image\' of shape \(None, 8, 8, 1\), but Member "a" \(a\.keras\) expects \(None, 20\)',
+        r'Member "conv" \(conv\.keras\) expects input \'image\' of shape \(None, 8, 8, 1\), but member "a" \(a\.keras\) expects \(None, 20\)',
         id="input-shape",
     ),
     pytest.param(
         ["a.keras", "int_input.keras"],
         {},
-        r'Member "int_input" \(int_input\.keras\) expects input .* of dtype int32, but Member "a" \(a\.keras\) expects float32',
+        r'Member "int_input" \(int_input\.keras\) expects input .* of dtype int32, but member "a" \(a\.keras\) expects float32',
         id="input-dtype",
     ),
     pytest.param(
         ["a.keras", "multi_a.keras"],
         {},
-        r'Member "multi_a" \(multi_a\.keras\) has 2 inputs \(num, cat\), but Member "a" \(a\.keras\) has 1',
+        r'Member "multi_a" \(multi_a\.keras\) has 2 inputs \(num, cat\), but member "a" \(a\.keras\) has 1',
         id="input-count",
     ),
     pytest.param(
@@ -85,7 +85,7 @@ BAD_BUILDS = [
     pytest.param(
         ["a.keras", "three_classes.keras"],
         {},
-        r'Member "three_classes" \(three_classes\.keras\) produces output .* of shape \(None, 3\), but Member "a" \(a\.keras\) produces \(None, 5\)',
+        r'Member "three_classes" \(three_classes\.keras\) produces output .* of shape \(None, 3\), but member "a" \(a\.keras\) produces \(None, 5\)',
         id="output-shape",
     ),
     pytest.param(
@@ -134,7 +134,7 @@ def test_several_inputs_with_different_names_say_which_names_each_member_has(mem
         fuser.build([members_dir / "multi_a.keras", tmp_path / "renamed.keras"])
     assert (
         "Member \"renamed\" (renamed.keras) has inputs named ['num', 'category'], but "
-        "Member \"multi_a\" (multi_a.keras) has ['num', 'cat']; members with several inputs "
+        "member \"multi_a\" (multi_a.keras) has ['num', 'cat']; members with several inputs "
         "are matched by input name."
     ) in str(caught.value)
 

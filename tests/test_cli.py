@@ -257,3 +257,17 @@ def test_build_reports_progress_and_loading_time(members_dir, tmp_path):
         "Loaded 2 members in" in completed.stderr and "sum of the single loads" in completed.stderr
     )
     assert "Wrote" in completed.stderr and "p.onnx" in completed.stderr
+
+
+def test_keras_output_for_savedmodel_members_is_refused_before_anything_loads(
+    members_dir, tmp_path, monkeypatch
+):
+    import fuser.members
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("members were loaded before the output format was checked")
+
+    monkeypatch.setattr(fuser.members, "load_members", must_not_load)
+    monkeypatch.setattr("fuser.ensemble.load_members", must_not_load)
+    argv = ["build", str(members_dir / "a.keras"), str(members_dir / "d_tfsave")]
+    assert main([*argv, "-o", str(tmp_path / "x.keras"), "-q"]) == 2

@@ -88,7 +88,41 @@ def _parser() -> argparse.ArgumentParser:
         metavar="OUT",
         help="artifact to write (repeatable): *.onnx, *.keras, or any other path for a SavedModel",
     )
-    build.add_argument("--head", default="mean", help="combining head (default: mean)")
+    build.add_argument(
+        "--head",
+        default="mean",
+        help="combining head: mean (default), weighted, median, geometric, vote, stack",
+    )
+    build.add_argument(
+        "--weights", metavar="W1,W2,...", help="the weighted head's weights, one per member"
+    )
+    build.add_argument(
+        "--task",
+        action="append",
+        metavar="[OUTPUT=]TASK",
+        help="probabilities, logits or regression, for every output or one (default: inferred)",
+    )
+    build.add_argument(
+        "--fit-data",
+        type=Path,
+        metavar="VAL.npz",
+        help="validation data: arrays x and y (x_<input>, y_<output> when several); "
+        "needed by --head stack and --select",
+    )
+    build.add_argument(
+        "--select", metavar="top:K|greedy:K", help="keep the K best members, or greedy selection"
+    )
+    build.add_argument(
+        "--metric", help="selection metric: log_loss (classifiers), accuracy, mse (regressors), mae"
+    )
+    build.add_argument(
+        "--uncertainty",
+        action="store_true",
+        help="add std outputs, and entropy and mutual_info for classifiers",
+    )
+    build.add_argument(
+        "--expose-members", action="store_true", help="add a members output (batch, members, ...)"
+    )
     build.add_argument("--jobs", type=int, help="members loaded at once (default: one per core)")
     build.add_argument("--xla", action="store_true", help="compile the fused function with XLA")
     build.add_argument("--opset", type=int, help="ONNX opset (default 17)")
@@ -140,6 +174,7 @@ def _build(arguments: argparse.Namespace) -> int:
     problems += export.check_opset(arguments.opset)
     custom_objects = _custom_objects(arguments.custom_objects, problems)
     problems += _early_format_problems(arguments.members, arguments.output)
+    weights = _weights(arguments.weights, problems)
     if problems:
         raise FuseError(problems)
 
@@ -148,6 +183,13 @@ def _build(arguments: argparse.Namespace) -> int:
     ensemble = build(
         arguments.members,
         arguments.head,
+        weights=weights,
+        task=arguments.task,
+        fit_data=arguments.fit_data,
+        select=arguments.select,
+        metric=arguments.metric,
+        uncertainty=arguments.uncertainty,
+        expose_members=arguments.expose_members,
         jobs=arguments.jobs,
         input_name=arguments.input_name,
         xla=arguments.xla,
@@ -168,6 +210,18 @@ def _build(arguments: argparse.Namespace) -> int:
     for path in arguments.output:
         ensemble.save(path, force=arguments.force, opset=arguments.opset)
     return EXIT_OK
+
+
+def _weights(text: str | None, problems: list[str]) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        problems.append(
+            f"--weights expects numbers separated by commas, like 0.5,0.3,0.2; got {text!r}."
+        )
+        return None
 
 
 def _early_format_problems(members: list[str], outputs: list[Path]) -> list[str]:
@@ -265,10 +319,28 @@ def describe_manifest(manifest: dict[str, Any], source: str) -> str:
     lines = [f"artifact   {source} ({artifact['format']}{', ' + details if details else ''})"]
     lines.append(f"created    {manifest.get('created', '?')}")
     head = manifest["head"]
-    params = ", ".join(f"{key}={value}" for key, value in sorted(head.get("params", {}).items()))
+    params = _head_params(head.get("params", {}))
     lines.append(f"head       {head.get('name')}{' (' + params + ')' if params else ''}")
     lines.append("inputs     " + "; ".join(spec.describe() for spec in specs(manifest, "inputs")))
     lines.append("outputs    " + "; ".join(spec.describe() for spec in specs(manifest, "outputs")))
+    for output, task in (manifest.get("tasks") or {}).items():
+        lines.append(f"task       {output}: {task['task']} ({task['reason']})")
+    validation = manifest.get("validation") or {}
+    for output, record in validation.get("outputs", {}).items():
+        members_text = ", ".join(f"{name} {value:.4g}" for name, value in record["members"].items())
+        in_sample = " in sample" if record.get("ensemble_is_in_sample") else ""
+        lines.append(
+            f"validation {output} {record['metric']} on {validation['source']} "
+            f"({validation['rows']} rows): ensemble {record['ensemble']:.4g}{in_sample}; "
+            f"members {members_text}"
+        )
+    selection = validation.get("selection")
+    if selection:
+        picks = ", ".join(f"{name}={count}" for name, count in selection["picks"].items())
+        lines.append(
+            f"selection  {selection['strategy']}:{selection['size']} by {selection['metric']}: "
+            f"kept {', '.join(selection['kept'])} (picks {picks})"
+        )
     members = manifest["members"]
     lines.append(f"members    {len(members)}")
     width = max((len(str(member.get("name"))) for member in members), default=4)
@@ -289,6 +361,18 @@ def describe_manifest(manifest: dict[str, Any], source: str) -> str:
         "versions   " + ", ".join(f"{key} {value}" for key, value in sorted(versions.items()))
     )
     return "\n".join(lines)
+
+
+def _head_params(params: dict[str, Any]) -> str:
+    parts = []
+    for key, value in sorted(params.items()):
+        if isinstance(value, dict):  # a fitted head: per output, the model in brief
+            brief = {
+                k: v for k, v in value.items() if k in ("model", "member_weights", "l2", "alpha")
+            }
+            value = ", ".join(f"{k} {v}" for k, v in brief.items())
+        parts.append(f"{key}: {value}")
+    return "; ".join(parts)
 
 
 def _predict(arguments: argparse.Namespace) -> int:

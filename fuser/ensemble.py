@@ -12,11 +12,24 @@ from typing import Any
 import numpy as np
 
 from fuser import __version__
+from fuser import uncertainty as uncertainty_lib
 from fuser.errors import FuseError, VerificationError
 from fuser.fuse import assemble
-from fuser.heads import Head, make_head
+from fuser.heads import Head, WeightedHead, make_head
 from fuser.members import Member, load_members, parse_specs
 from fuser.progress import Reporter
+from fuser.selection import (
+    Selection,
+    check_metric,
+    member_predictions,
+    parse_selection,
+    prepare_targets,
+    read_fit_data,
+    score,
+    select_greedy,
+    select_top,
+)
+from fuser.tasks import Task, infer_tasks, parse_task_option
 from fuser.validate import Plan, plan
 from runtime import manifest as manifest_lib
 from runtime.inputs import prepare_feeds
@@ -30,6 +43,13 @@ def build(
     members: Sequence[Any],
     head: str | Head = "mean",
     *,
+    weights: Sequence[float] | None = None,
+    task: str | dict[str, str] | None = None,
+    fit_data: str | os.PathLike | dict[str, Any] | None = None,
+    select: str | None = None,
+    metric: str | None = None,
+    uncertainty: bool = False,
+    expose_members: bool = False,
     jobs: int | None = None,
     input_name: str | None = None,
     xla: bool = False,
@@ -44,7 +64,19 @@ def build(
     Args:
         members: paths (``.keras``, ``.h5``, SavedModel directories), ``"name=path"``
             strings, or ``(name, path_or_keras_model)`` pairs.
-        head: the combining head (see ``fuser.heads.HEADS``).
+        head: the combining head, one of ``fuser.heads.HEADS``: mean, weighted, median,
+            geometric, vote, stack.
+        weights: the ``weighted`` head's weights, one per member (normalised to sum to 1).
+        task: ``"probabilities"``, ``"logits"`` or ``"regression"`` for every output, or a
+            dict output name -> task; inferred when not given.
+        fit_data: validation data (an ``.npz`` path or a dict) with ``x``/``y``, or
+            ``x_<input>``/``y_<output>`` for several; needed by ``stack`` and ``select``.
+        select: ``"top:K"`` keeps the K best members on ``fit_data``; ``"greedy:K"`` runs K
+            rounds of greedy forward selection and weighs members by their pick counts.
+        metric: the selection metric: log_loss (classifiers' default), accuracy, mse
+            (regressors' default) or mae.
+        uncertainty: add ``std`` (and for classifiers ``entropy``, ``mutual_info``) outputs.
+        expose_members: add a ``members`` output, ``(batch, members, ...)``.
         jobs: members loaded at once (default: one per core, at most one per member).
         input_name: name of the fused input when members have one input each
             (default: the first member's input name).
@@ -61,7 +93,24 @@ def build(
         VerificationError: the fused model disagrees with its members.
     """
     _check_options(jobs=jobs, probe_batch=probe_batch, tolerance=tolerance)
-    head = make_head(head)
+    head = make_head(head, weights=weights)
+    selection = parse_selection(select)
+    if (
+        selection is not None
+        and selection.strategy == "greedy"
+        and head.name
+        not in (
+            "mean",
+            "weighted",
+        )
+    ):
+        raise FuseError(
+            f"--select greedy:K weighs the members for the 'weighted' head; it cannot feed the "
+            f"{head.name!r} head. Use --select top:K with --head {head.name}, or drop --head."
+        )
+    if (head.needs_fit or selection is not None) and fit_data is None:
+        needs = f"the {head.name!r} head" if head.needs_fit else f"--select {select}"
+        raise FuseError(f"{needs} needs validation data: pass --fit-data VAL.npz (arrays x, y).")
     reporter = Reporter(enabled=progress)
     specs = parse_specs(members)
     with reporter.task("Importing TensorFlow and loading members", total=len(specs)) as advance:
@@ -78,14 +127,37 @@ def build(
         f"(sum of the single loads {load_sum:.2f} s, {jobs or min(len(loaded), os.cpu_count() or 1)} at once)."
     )
     wiring = plan(loaded, input_name=input_name)
+    output_names = [spec.name for spec in wiring.outputs]
+    probe = _probe_batch(wiring.inputs, probe_batch)
+    probe_values = member_values(loaded, wiring, probe)
+    tasks = infer_tasks(
+        loaded,
+        wiring.output_order,
+        output_names,
+        probe_values,
+        parse_task_option(task, output_names),
+    )
+    validation = None
+    if fit_data is not None:
+        with reporter.task("Scoring the members on the validation data"):
+            loaded, wiring, head, probe_values, validation = _fit(
+                loaded, wiring, head, tasks, probe_values, fit_data, selection, metric
+            )
+    else:
+        _check_head(head, len(loaded), wiring, tasks)
     with reporter.task("Fusing and compiling"):
         ensemble = Ensemble(
             loaded,
             wiring,
             head,
+            tasks=tasks,
+            uncertainty=uncertainty,
+            expose_members=expose_members,
+            probe=probe,
+            probe_values=probe_values,
             xla=xla,
-            probe_batch=probe_batch,
             tolerance=tolerance,
+            validation=validation,
             build_info={
                 "load_seconds": round(load_wall, 4),
                 "load_seconds_sum": round(load_sum, 4),
@@ -111,6 +183,131 @@ def _check_options(*, jobs: int | None, probe_batch: int, tolerance: float) -> N
         raise FuseError(problems)
 
 
+def _check_head(head: Head, n_members: int, wiring: Plan, tasks: dict[str, Task]) -> None:
+    problems = head.problems(
+        n_members=n_members,
+        tasks={name: task.kind for name, task in tasks.items()},
+        shapes={spec.name: spec.shape for spec in wiring.outputs},
+    )
+    if problems:
+        raise FuseError(problems)
+
+
+def member_values(
+    members: Sequence[Member], wiring: Plan, feeds: dict[str, np.ndarray], *, rows: int = 4096
+) -> dict[str, np.ndarray]:
+    """Each member run on its own: fused output name -> ``(members, rows, ...)`` float64."""
+    import tensorflow as tf
+
+    per_output: dict[str, list[np.ndarray]] = {spec.name: [] for spec in wiring.outputs}
+    total = len(next(iter(feeds.values())))
+    for member in members:
+        chunks: list[list[np.ndarray]] = []
+        for start in range(0, total, rows):
+            tensors = [
+                tf.constant(feeds[name][start : start + rows])
+                for name in wiring.input_order[member.name]
+            ]
+            chunks.append([np.asarray(value) for value in member.call(tensors)])
+        outputs = [np.concatenate(parts) for parts in zip(*chunks)]
+        for slot, spec in enumerate(wiring.outputs):
+            index = wiring.output_order[member.name][slot]
+            per_output[spec.name].append(outputs[index].astype(np.float64))
+    return {name: np.stack(values) for name, values in per_output.items()}
+
+
+def _fit(
+    members: list[Member],
+    wiring: Plan,
+    head: Head,
+    tasks: dict[str, Task],
+    probe_values: dict[str, np.ndarray],
+    fit_data: Any,
+    selection: Selection | None,
+    metric: str | None,
+) -> tuple[list[Member], Plan, Head, dict[str, np.ndarray], dict[str, Any]]:
+    """Score the members on validation data, select among them, fit the head.
+
+    Returns the kept members, their wiring, the head (greedy selection makes it a
+    weighted one), their probe values, and the validation record for the manifest.
+    """
+    data = read_fit_data(fit_data, wiring.inputs, wiring.outputs)
+    every_name = [member.name for member in members]
+    try:
+        feeds = prepare_feeds(wiring.inputs, data.inputs)
+    except (ValueError, TypeError) as error:
+        raise FuseError(f"The inputs of {data.source} do not fit the members: {error}") from None
+    specs = {spec.name: spec for spec in wiring.outputs}
+    targets = {
+        name: prepare_targets(target, specs[name], tasks[name].kind, data.source)
+        for name, target in data.targets.items()
+    }
+    values = member_values(members, wiring, feeds)
+    metrics = {name: check_metric(metric, tasks[name].kind) for name in specs}
+    scores = {
+        name: [
+            score(prediction, targets[name], tasks[name].kind, metrics[name])
+            for prediction in member_predictions(values[name], tasks[name].kind)
+        ]
+        for name in specs
+    }
+    record: dict[str, Any] = {"source": data.source, "rows": data.rows, "outputs": {}}
+    if selection is not None:
+        if len(specs) > 1:
+            raise FuseError(
+                "--select scores members on one output; this ensemble has outputs "
+                f"{', '.join(specs)}. Select on a one-output ensemble."
+            )
+        if selection.strategy == "top" and selection.size > len(members):
+            raise FuseError(
+                f"--select top:{selection.size} keeps more members than the {len(members)} given."
+            )
+        (name,) = specs
+        kind = tasks[name].kind
+        if selection.strategy == "top":
+            kept = select_top(scores[name], selection.size, metrics[name])
+            counts = [1 if index in kept else 0 for index in range(len(members))]
+        else:
+            counts = select_greedy(
+                member_predictions(values[name], kind),
+                targets[name],
+                kind,
+                metrics[name],
+                selection.size,
+            )
+            kept = [index for index, count in enumerate(counts) if count]
+            head = WeightedHead([counts[index] for index in kept])
+        record["selection"] = {
+            "strategy": selection.strategy,
+            "size": selection.size,
+            "metric": metrics[name],
+            "picks": {member.name: count for member, count in zip(members, counts)},
+            "kept": [members[index].name for index in kept],
+        }
+        dropped = {members[index].name for index in range(len(members)) if index not in kept}
+        wiring = Plan(
+            wiring.inputs,
+            wiring.outputs,
+            {key: value for key, value in wiring.input_order.items() if key not in dropped},
+            {key: value for key, value in wiring.output_order.items() if key not in dropped},
+        )
+        values = {key: value[kept] for key, value in values.items()}
+        probe_values = {key: value[kept] for key, value in probe_values.items()}
+        members = [members[index] for index in kept]
+    _check_head(head, len(members), wiring, tasks)
+    for name in specs:
+        if head.needs_fit:
+            head.fit(name, values[name], targets[name], tasks[name].kind)
+        combined = head.reference(values[name], task=tasks[name].kind, output=name)
+        record["outputs"][name] = {
+            "metric": metrics[name],
+            "members": {member: round(value, 6) for member, value in zip(every_name, scores[name])},
+            "ensemble": round(score(combined, targets[name], tasks[name].kind, metrics[name]), 6),
+            "ensemble_is_in_sample": head.needs_fit,
+        }
+    return members, wiring, head, probe_values, record
+
+
 class Ensemble:
     """A fused ensemble in memory: one Keras model, compiled, verified, ready to save.
 
@@ -128,31 +325,48 @@ class Ensemble:
         wiring: Plan,
         head: Head,
         *,
+        tasks: dict[str, Task],
+        probe: dict[str, np.ndarray],
+        probe_values: dict[str, np.ndarray],
+        uncertainty: bool = False,
+        expose_members: bool = False,
         xla: bool = False,
-        probe_batch: int = DEFAULT_PROBE_BATCH,
         tolerance: float = DEFAULT_TOLERANCE,
+        validation: dict[str, Any] | None = None,
         build_info: dict[str, Any] | None = None,
     ) -> None:
-        import tensorflow as tf
-
         self.members = list(members)
         self.named_members = {member.name: member for member in self.members}
         self.head = head
+        self.tasks = dict(tasks)
         self.inputs: tuple[TensorSpec, ...] = wiring.inputs
-        self.outputs: tuple[TensorSpec, ...] = wiring.outputs
         self.xla = xla
         self.tolerance = tolerance
         self.reporter = Reporter(enabled=False)
-        self.model = assemble(self.members, wiring, head)
+        self.model = assemble(
+            self.members,
+            wiring,
+            head,
+            tasks={name: task.kind for name, task in self.tasks.items()},
+            uncertainty=uncertainty,
+            expose_members=expose_members,
+        )
+        self.outputs: tuple[TensorSpec, ...] = tuple(
+            TensorSpec(name, tuple(tensor.shape), "float32")
+            for name, tensor in self.model.output.items()
+        )
         self._function = self.serving_function(jit_compile=xla)
-        self.probe = _probe_batch(self.inputs, probe_batch)
-        self.reference = self._reference(wiring, tf)
+        self.probe = probe
+        self.reference = self._reference(
+            wiring, probe_values, uncertainty=uncertainty, expose_members=expose_members
+        )
         error = self.check(self.predict(self.probe, as_dict=True), "The fused model")
         self.verification = {
-            "probe_batch": probe_batch,
+            "probe_batch": len(next(iter(probe.values()))),
             "tolerance": tolerance,
             "max_abs_error": error,
         }
+        self.validation = validation
         self._build_info = build_info or {}
 
     def serving_function(self, *, jit_compile: bool = False) -> Any:
@@ -211,18 +425,27 @@ class Ensemble:
             worst = max(worst, error)
         return worst
 
-    def _reference(self, wiring: Plan, tf: Any) -> dict[str, np.ndarray]:
-        """The head applied in NumPy to the members' outputs, each member run on its own."""
-        per_output: list[list[np.ndarray]] = [[] for _ in self.outputs]
-        for member in self.members:
-            tensors = [tf.constant(self.probe[name]) for name in wiring.input_order[member.name]]
-            outputs = [np.asarray(value) for value in member.call(tensors)]
-            for slot, index in enumerate(wiring.output_order[member.name]):
-                per_output[slot].append(outputs[index].astype(np.float64))
-        return {
-            spec.name: self.head.reference(np.stack(per_output[slot]))
-            for slot, spec in enumerate(self.outputs)
-        }
+    def _reference(
+        self,
+        wiring: Plan,
+        probe_values: dict[str, np.ndarray],
+        *,
+        uncertainty: bool,
+        expose_members: bool,
+    ) -> dict[str, np.ndarray]:
+        """Every output computed in NumPy from the members' own outputs on the probe batch."""
+        reference = {}
+        single = len(wiring.outputs) == 1
+        for spec in wiring.outputs:
+            values, kind = probe_values[spec.name], self.tasks[spec.name].kind
+            prediction = self.head.reference(values, task=kind, output=spec.name)
+            reference[spec.name] = prediction
+            for extra in uncertainty_lib.kinds(
+                kind, uncertainty=uncertainty, expose_members=expose_members
+            ):
+                name = uncertainty_lib.extra_name(extra, spec.name, single)
+                reference[name] = uncertainty_lib.reference(extra, values, prediction, kind)
+        return reference
 
     @property
     def manifest(self) -> dict[str, Any]:
@@ -234,6 +457,8 @@ class Ensemble:
             "versions": _versions(),
             "members": [member.to_manifest() for member in self.members],
             "head": {"name": self.head.name, "params": self.head.params()},
+            "tasks": {name: task.to_manifest() for name, task in self.tasks.items()},
+            "validation": self.validation,
             "inputs": [spec.to_json() for spec in self.inputs],
             "outputs": [spec.to_json() for spec in self.outputs],
             "fusion": {"groups": [], "xla": self.xla},

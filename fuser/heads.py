@@ -1,70 +1,498 @@
 """Combining heads: how the members' outputs become the ensemble's answer.
 
-Every head has two faces that must agree: ``combine`` builds it inside the fused
-Keras graph (so it is exported to every artifact format), ``reference`` computes the
-same thing in NumPy on the members' outputs (the build verifies one against the other).
-Heads are declared in ``HEADS``; ``make_head`` is the one place options are validated.
-Heads use built-in Keras layers only, so a ``.keras`` artifact loads in safe mode
-without registering any fuser class.
+Every head has two faces that must agree: ``combine`` builds it inside the fused Keras
+graph (so every artifact format carries it), ``reference`` computes the same thing in
+NumPy on the members' outputs (the build verifies one against the other). Both see the
+members of one output stacked on axis 1 (graph: ``(batch, members, ...)``) or axis 0
+(NumPy: ``(members, batch, ...)``).
+
+Classification heads work on class distributions: members that output logits are turned
+into probabilities first, and a one-column output (sigmoid or a single logit) is read as
+the probability of the positive class. Their answer is always probabilities, in the
+members' layout. Heads are built from built-in Keras layers and ``keras.ops`` only, so a
+``.keras`` artifact loads in safe mode without registering any fuser class.
+
+``HEADS`` declares the heads; ``make_head`` is the one place their options are checked.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
 
 from fuser.errors import FuseError
 
+PROBABILITIES, LOGITS, REGRESSION = "probabilities", "logits", "regression"
+TASKS = (PROBABILITIES, LOGITS, REGRESSION)
+CLASSIFICATION = frozenset({PROBABILITIES, LOGITS})
+# Probabilities are clipped here before a log: float32 softmax outputs reach exactly 0.
+LOG_FLOOR = 1e-12
+
+
+# -- class distributions, in the graph and in NumPy --------------------------------------
+
+
+def distribution(values: Any, task: str) -> Any:
+    """Graph: member outputs as class distributions on the last axis."""
+    from keras import ops
+
+    if values.shape[-1] == 1:
+        positive = ops.sigmoid(values) if task == LOGITS else values
+        return ops.concatenate([1.0 - positive, positive], axis=-1)
+    return ops.softmax(values, axis=-1) if task == LOGITS else values
+
+
+def log_distribution(values: Any, task: str) -> Any:
+    """Graph: log-probabilities, computed from logits directly where members give logits."""
+    from keras import ops
+
+    if task == LOGITS:
+        if values.shape[-1] == 1:
+            return ops.concatenate([ops.log_sigmoid(-values), ops.log_sigmoid(values)], axis=-1)
+        return ops.log_softmax(values, axis=-1)
+    return ops.log(ops.maximum(distribution(values, task), LOG_FLOOR))
+
+
+def answer(probabilities: Any, columns: int) -> Any:
+    """Graph: a class distribution back in the members' layout (one column: P(positive))."""
+    return probabilities[..., 1:] if columns == 1 else probabilities
+
+
+def np_distribution(values: np.ndarray, task: str) -> np.ndarray:
+    values = values.astype(np.float64)
+    if values.shape[-1] == 1:
+        positive = 1.0 / (1.0 + np.exp(-values)) if task == LOGITS else values
+        return np.concatenate([1.0 - positive, positive], axis=-1)
+    return np_softmax(values) if task == LOGITS else values
+
+
+def np_log_distribution(values: np.ndarray, task: str) -> np.ndarray:
+    values = values.astype(np.float64)
+    if task == LOGITS:
+        if values.shape[-1] == 1:
+            return np.concatenate([-np.logaddexp(0, values), -np.logaddexp(0, -values)], axis=-1)
+        shifted = values - values.max(axis=-1, keepdims=True)
+        return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    return np.log(np.maximum(np_distribution(values, task), LOG_FLOOR))
+
+
+def np_answer(probabilities: np.ndarray, columns: int) -> np.ndarray:
+    return probabilities[..., 1:] if columns == 1 else probabilities
+
+
+def np_softmax(values: np.ndarray) -> np.ndarray:
+    shifted = values - values.max(axis=-1, keepdims=True)
+    exponentials = np.exp(shifted)
+    return exponentials / exponentials.sum(axis=-1, keepdims=True)
+
+
+def member_axis_last(values: Any) -> Any:
+    from keras import ops
+
+    return ops.moveaxis(values, 1, -1)
+
+
+# -- heads --------------------------------------------------------------------------------
+
 
 class Head:
-    """Base class. A head sees one fused output at a time, as a list of member tensors."""
+    """Base class. One head instance serves every output of the ensemble."""
 
     name: ClassVar[str]
+    tasks: ClassVar[frozenset[str]] = frozenset(TASKS)
+    needs_fit: ClassVar[bool] = False
 
     def params(self) -> dict[str, Any]:
         """Parameters recorded in the manifest."""
         return {}
 
-    def combine(self, member_outputs: list[Any], *, output_name: str) -> Any:
-        """The combined Keras tensor for one output, from each member's tensor."""
+    def problems(self, *, n_members: int, tasks: dict[str, str], shapes: dict) -> list[str]:
+        """What stops this head from combining these members (empty when it can)."""
+        problems = []
+        for output, task in tasks.items():
+            if task not in self.tasks:
+                allowed = " or ".join(sorted(self.tasks))
+                problems.append(
+                    f"The {self.name!r} head combines {allowed} outputs, but output "
+                    f"{output!r} is {_task_phrase(task)}; choose another head, or --task if "
+                    "the task was inferred wrongly."
+                )
+        return problems
+
+    def fit(self, output: str, values: np.ndarray, target: np.ndarray, task: str) -> None:
+        """Learn from validation data (heads with ``needs_fit``): values ``(members, rows, ...)``."""
+
+    def combine(self, values: Any, *, task: str, output: str) -> Any:
+        """The combined Keras tensor of one output; ``values`` is ``(batch, members, ...)``."""
         raise NotImplementedError
 
-    def reference(self, member_outputs: np.ndarray) -> np.ndarray:
-        """NumPy reference: ``member_outputs`` has shape ``(n_members, batch, ...)``."""
+    def reference(self, values: np.ndarray, *, task: str, output: str) -> np.ndarray:
+        """NumPy reference: ``values`` is ``(members, batch, ...)``."""
         raise NotImplementedError
 
 
 class MeanHead(Head):
-    """The arithmetic mean of the members' outputs, element by element."""
+    """The arithmetic mean (soft voting): of the probabilities for classifiers."""
 
     name = "mean"
 
-    def combine(self, member_outputs: list[Any], *, output_name: str) -> Any:
+    def combine(self, values: Any, *, task: str, output: str) -> Any:
+        from keras import ops
+
+        if task == REGRESSION:
+            return ops.mean(values, axis=1)
+        return answer(ops.mean(distribution(values, task), axis=1), values.shape[-1])
+
+    def reference(self, values: np.ndarray, *, task: str, output: str) -> np.ndarray:
+        if task == REGRESSION:
+            return values.astype(np.float64).mean(axis=0)
+        return np_answer(np_distribution(values, task).mean(axis=0), values.shape[-1])
+
+
+class WeightedHead(Head):
+    """A weighted mean; weights are normalised to sum to one."""
+
+    name = "weighted"
+
+    def __init__(self, weights: Sequence[float] | None = None) -> None:
+        if weights is None:
+            raise FuseError(
+                "The 'weighted' head needs weights: --weights 0.5,0.3,0.2 (one per member), or "
+                "--select greedy:K with --fit-data to learn them."
+            )
+        weights = np.asarray(weights, dtype=np.float64)
+        if weights.ndim != 1 or not np.all(np.isfinite(weights)) or np.any(weights < 0):
+            raise FuseError(
+                f"Weights must be finite, non-negative numbers, one per member; got "
+                f"{_list(weights)}."
+            )
+        if weights.sum() <= 0:
+            raise FuseError(f"Weights must not all be zero; got {_list(weights)}.")
+        self.weights = weights / weights.sum()
+
+    def params(self) -> dict[str, Any]:
+        return {"weights": [round(float(weight), 10) for weight in self.weights]}
+
+    def problems(self, *, n_members: int, tasks: dict[str, str], shapes: dict) -> list[str]:
+        problems = super().problems(n_members=n_members, tasks=tasks, shapes=shapes)
+        if len(self.weights) != n_members:
+            problems.append(
+                f"--weights gives {len(self.weights)} weights for {n_members} members; give "
+                "one weight per member, in the members' order."
+            )
+        return problems
+
+    def combine(self, values: Any, *, task: str, output: str) -> Any:
+        import keras
+        from keras import ops
+
+        columns = values.shape[-1]
+        if task != REGRESSION:
+            values = distribution(values, task)
+        # The weights travel as the kernel of a bias-free Dense layer over the member axis:
+        # plain layer weights, which every artifact format stores and ONNX freezes.
+        layer = keras.layers.Dense(1, use_bias=False, trainable=False, name=f"{output}_weights")
+        combined = ops.squeeze(layer(member_axis_last(values)), axis=-1)
+        layer.set_weights([self.weights.astype(np.float32)[:, None]])
+        return combined if task == REGRESSION else answer(combined, columns)
+
+    def reference(self, values: np.ndarray, *, task: str, output: str) -> np.ndarray:
+        columns = values.shape[-1]
+        values = values.astype(np.float64)
+        if task != REGRESSION:
+            values = np_distribution(values, task)
+        combined = np.tensordot(self.weights, values, axes=1)
+        return combined if task == REGRESSION else np_answer(combined, columns)
+
+
+class MedianHead(Head):
+    """The element-wise median; for classifiers renormalised to a distribution."""
+
+    name = "median"
+
+    def combine(self, values: Any, *, task: str, output: str) -> Any:
+        from keras import ops
+
+        columns = values.shape[-1]
+        if task != REGRESSION:
+            values = distribution(values, task)
+        members = values.shape[1]
+        # top_k sorts along the last axis and converts to every format (ONNX TopK).
+        ordered, _ = ops.top_k(member_axis_last(values), k=members)
+        middle = members // 2
+        if members % 2:
+            median = ordered[..., middle]
+        else:
+            median = (ordered[..., middle - 1] + ordered[..., middle]) / 2.0
+        if task == REGRESSION:
+            return median
+        return answer(median / ops.sum(median, axis=-1, keepdims=True), columns)
+
+    def reference(self, values: np.ndarray, *, task: str, output: str) -> np.ndarray:
+        columns = values.shape[-1]
+        values = values.astype(np.float64)
+        if task == REGRESSION:
+            return np.median(values, axis=0)
+        median = np.median(np_distribution(values, task), axis=0)
+        return np_answer(median / median.sum(axis=-1, keepdims=True), columns)
+
+
+class GeometricHead(Head):
+    """The normalised geometric mean of probabilities: softmax of the mean log-probability."""
+
+    name = "geometric"
+    tasks = CLASSIFICATION
+
+    def combine(self, values: Any, *, task: str, output: str) -> Any:
+        from keras import ops
+
+        mean_log = ops.mean(log_distribution(values, task), axis=1)
+        return answer(ops.softmax(mean_log, axis=-1), values.shape[-1])
+
+    def reference(self, values: np.ndarray, *, task: str, output: str) -> np.ndarray:
+        mean_log = np_log_distribution(values, task).mean(axis=0)
+        return np_answer(np_softmax(mean_log), values.shape[-1])
+
+
+class VoteHead(Head):
+    """Hard majority voting: each class's share of the members' votes.
+
+    The argmax of the shares is the majority label, ties going to the lowest class index
+    (scikit-learn's ``VotingClassifier(voting="hard")``); a member's own ties go to its
+    lowest class index too (``argmax``).
+    """
+
+    name = "vote"
+    tasks = CLASSIFICATION
+
+    def combine(self, values: Any, *, task: str, output: str) -> Any:
+        from keras import ops
+
+        probabilities = distribution(values, task)
+        # One-hot of each member's argmax, ties to the lowest class, without argmax: Keras
+        # lowers argmax with Bitcast ops that ONNX lacks. The first maximal entry is the
+        # one where the running count of maximal entries reaches one.
+        highest = ops.max(probabilities, axis=-1, keepdims=True)
+        maximal = ops.cast(ops.greater_equal(probabilities, highest), "float32")
+        votes = maximal * ops.cast(ops.equal(ops.cumsum(maximal, axis=-1), 1.0), "float32")
+        return answer(ops.mean(votes, axis=1), values.shape[-1])
+
+    def reference(self, values: np.ndarray, *, task: str, output: str) -> np.ndarray:
+        probabilities = np_distribution(values, task)
+        classes = probabilities.shape[-1]
+        votes = np.eye(classes)[np.argmax(probabilities, axis=-1)]
+        return np_answer(votes.mean(axis=0), values.shape[-1])
+
+
+class StackHead(Head):
+    """A meta-learner on the members' outputs, fitted on validation data at build time.
+
+    Classifiers: multinomial logistic regression on the members' log-probabilities with
+    one weight per member, shared by all classes, plus a bias per class:
+    ``softmax(sum_i w_i log p_i + b)``, ``w_i >= 0``. It is a learned logarithmic opinion
+    pool (the ``geometric`` head is ``w_i = 1/n, b = 0``); with ``members + classes``
+    parameters instead of ``members * classes**2`` it does not overfit a small validation
+    set, and its L2 penalty is chosen by cross-validated log loss on that set alone.
+    Regressors: ridge regression on the members' outputs (``RidgeCV``). Either way the
+    fitted model becomes a plain ``Dense`` layer of the graph.
+    """
+
+    name = "stack"
+    needs_fit = True
+
+    def __init__(self) -> None:
+        self.fitted: dict[str, dict[str, Any]] = {}
+
+    def params(self) -> dict[str, Any]:
+        return {
+            output: {key: value for key, value in model.items() if key not in ("kernel", "bias")}
+            for output, model in self.fitted.items()
+        }
+
+    def problems(self, *, n_members: int, tasks: dict[str, str], shapes: dict) -> list[str]:
+        problems = super().problems(n_members=n_members, tasks=tasks, shapes=shapes)
+        for output, shape in shapes.items():
+            if len(shape) != 2:
+                problems.append(
+                    f"The 'stack' head takes outputs of shape (batch, features); output "
+                    f"{output!r} has shape {shape}."
+                )
+        return problems
+
+    def fit(self, output: str, values: np.ndarray, target: np.ndarray, task: str) -> None:
+        if task == REGRESSION:
+            self.fitted[output] = _fit_ridge(self._features(values, task), target)
+        else:
+            self.fitted[output] = _fit_pool(np_log_distribution(values, task), target)
+
+    @staticmethod
+    def _features(values: np.ndarray, task: str) -> np.ndarray:
+        """``(rows, members * columns)``: log-probabilities for classifiers, else the values."""
+        if task != REGRESSION:
+            values = np_log_distribution(values, task)
+        return np.moveaxis(values.astype(np.float64), 0, 1).reshape(values.shape[1], -1)
+
+    def combine(self, values: Any, *, task: str, output: str) -> Any:
         import keras
 
-        if len(member_outputs) == 1:
-            return keras.layers.Identity(name=f"{output_name}_mean")(member_outputs[0])
-        return keras.layers.Average(name=f"{output_name}_mean")(member_outputs)
+        model = self._model(output)
+        columns = values.shape[-1]
+        if task != REGRESSION:
+            values = log_distribution(values, task)
+        features = keras.layers.Flatten(name=f"{output}_stack_features")(values)
+        layer = keras.layers.Dense(
+            model["kernel"].shape[1],
+            activation="softmax" if task != REGRESSION else "linear",
+            name=f"{output}_stack",
+        )
+        combined = layer(features)
+        layer.set_weights([model["kernel"].astype(np.float32), model["bias"].astype(np.float32)])
+        return combined if task == REGRESSION else answer(combined, columns)
 
-    def reference(self, member_outputs: np.ndarray) -> np.ndarray:
-        return member_outputs.astype(np.float64).mean(axis=0)
+    def reference(self, values: np.ndarray, *, task: str, output: str) -> np.ndarray:
+        model = self._model(output)
+        linear = self._features(values, task) @ model["kernel"] + model["bias"]
+        if task == REGRESSION:
+            return linear
+        return np_answer(np_softmax(linear), values.shape[-1])
+
+    def _model(self, output: str) -> dict[str, Any]:
+        if output not in self.fitted:
+            raise FuseError(
+                "The 'stack' head must be fitted on validation data: pass --fit-data VAL.npz "
+                "(fit_data= in Python)."
+            )
+        return self.fitted[output]
 
 
-HEADS: dict[str, type[Head]] = {head.name: head for head in (MeanHead,)}
+POOL_PENALTIES = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 
-def make_head(head: str | Head, **options: Any) -> Head:
-    """The head named ``head`` configured with ``options``, or ``head`` itself if it is a Head.
+def _fit_pool(log_probabilities: np.ndarray, target: np.ndarray) -> dict[str, Any]:
+    """Fit ``softmax(sum_i w_i log p_i + b)``; ``log_probabilities`` is ``(members, rows, classes)``.
+
+    Returns the equivalent ``Dense`` kernel over the flattened ``(members, classes)``
+    features (block-diagonal: ``kernel[i * classes + c, c] = w_i``) and bias.
+    """
+    features = np.moveaxis(log_probabilities, 0, 1)  # (rows, members, classes)
+    members, classes = features.shape[1:]
+    smallest_class = int(np.bincount(target, minlength=classes).min())
+    folds = min(5, smallest_class)
+    if folds >= 2:
+        from sklearn.model_selection import StratifiedKFold
+
+        splitter = StratifiedKFold(folds, shuffle=True, random_state=0)
+        splits = list(splitter.split(features[:, 0, 0], target))
+        losses = []
+        for penalty in POOL_PENALTIES:
+            held_out = []
+            for train, test in splits:
+                weights, bias = _solve_pool(features[train], target[train], penalty)
+                held_out.append(_pool_log_loss(features[test], target[test], weights, bias))
+            losses.append(float(np.mean(held_out)))
+        penalty = POOL_PENALTIES[int(np.argmin(losses))]
+    else:  # a class seen once: no stratified folds; a middle penalty
+        penalty, losses, folds = 1e-2, [], 0
+    weights, bias = _solve_pool(features, target, penalty)
+    kernel = np.zeros((members * classes, classes))
+    for member in range(members):
+        kernel[member * classes : (member + 1) * classes] = weights[member] * np.eye(classes)
+    return {
+        "kernel": kernel,
+        "bias": bias,
+        "model": "multinomial logistic regression on log-probabilities, one weight per member",
+        "member_weights": [round(float(weight), 6) for weight in weights],
+        "class_bias": [round(float(value), 6) for value in bias],
+        "l2": penalty,
+        "cv_folds": folds,
+        "cv_log_loss": round(min(losses), 6) if losses else None,
+        "rows": len(target),
+    }
+
+
+def _solve_pool(features: np.ndarray, target: np.ndarray, penalty: float) -> tuple:
+    from scipy.optimize import minimize
+
+    rows, members, classes = features.shape
+    onehot = np.eye(classes)[target]
+
+    def loss(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        weights, bias = theta[:members], theta[members:]
+        logits = np.einsum("rmc,m->rc", features, weights) + bias
+        logits -= logits.max(axis=1, keepdims=True)
+        log_p = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+        residual = np.exp(log_p) - onehot
+        value = -(onehot * log_p).sum() / rows + penalty * (weights @ weights + bias @ bias)
+        gradient = np.concatenate(
+            [
+                np.einsum("rc,rmc->m", residual, features) / rows + 2 * penalty * weights,
+                residual.sum(axis=0) / rows + 2 * penalty * bias,
+            ]
+        )
+        return value, gradient
+
+    start = np.concatenate([np.full(members, 1.0 / members), np.zeros(classes)])
+    bounds = [(0.0, None)] * members + [(None, None)] * classes
+    solution = minimize(loss, start, jac=True, method="L-BFGS-B", bounds=bounds)
+    return solution.x[:members], solution.x[members:]
+
+
+def _pool_log_loss(features: np.ndarray, target: np.ndarray, weights, bias) -> float:
+    logits = np.einsum("rmc,m->rc", features, weights) + bias
+    logits -= logits.max(axis=1, keepdims=True)
+    log_p = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    return float(-log_p[np.arange(len(target)), target].mean())
+
+
+def _fit_ridge(features: np.ndarray, target: np.ndarray) -> dict[str, Any]:
+    from sklearn.linear_model import RidgeCV
+
+    model = RidgeCV(alphas=np.logspace(-4, 4, 17))
+    model.fit(features, target)
+    kernel = np.atleast_2d(model.coef_).T
+    return {
+        "kernel": kernel,
+        "bias": np.atleast_1d(model.intercept_),
+        "model": "ridge regression",
+        "alpha": float(model.alpha_),
+        "rows": len(target),
+    }
+
+
+HEADS: dict[str, type[Head]] = {
+    head.name: head
+    for head in (MeanHead, WeightedHead, MedianHead, GeometricHead, VoteHead, StackHead)
+}
+
+
+def make_head(head: str | Head, *, weights: Sequence[float] | None = None) -> Head:
+    """The head named ``head`` configured with its options, or ``head`` itself if a Head.
 
     Raises:
-        FuseError: unknown head name or options that head does not take.
+        FuseError: an unknown head, or options that head does not take.
     """
     if isinstance(head, Head):
         return head
     if head not in HEADS:
         raise FuseError(f"Unknown head {head!r}; choose one of: {', '.join(HEADS)}.")
-    try:
-        return HEADS[head](**options)
-    except TypeError:
-        raise FuseError(f"The {head!r} head takes no options {sorted(options)}.") from None
+    if head == "weighted":
+        return WeightedHead(weights)
+    if weights is not None:
+        raise FuseError(
+            f"--weights applies to the 'weighted' head, not {head!r}; pass --head weighted."
+        )
+    return HEADS[head]()
+
+
+def _task_phrase(task: str) -> str:
+    return {
+        PROBABILITIES: "a classifier's probabilities",
+        LOGITS: "a classifier's logits",
+        REGRESSION: "a regression",
+    }[task]
+
+
+def _list(values: np.ndarray) -> str:
+    return ", ".join(f"{value:g}" for value in np.atleast_1d(values))

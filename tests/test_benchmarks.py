@@ -1,0 +1,168 @@
+"""The benchmark suite: approaches agree, a mismatch fails the run, the report gets written.
+
+No timing is asserted here (performance claims live in the benchmark results); these
+tests check that the suite measures what it says and writes what it promises.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# benchmarks/ is not an installed package; it runs from the repository root.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import plots, report, suite
+from benchmarks.__main__ import main
+from benchmarks.approaches import APPROACHES
+from benchmarks.measure import Budget
+from benchmarks.settings import QUICK, Settings
+
+TINY_BUDGET = Budget(seconds=0.01, min_calls=2, max_calls=5, warmup_calls=1, warmup_seconds=0.01)
+
+
+def tiny_settings(**changes) -> Settings:
+    settings = dataclasses.replace(
+        QUICK,
+        member_counts={"mlp": (2,)},
+        latency=TINY_BUDGET,
+        throughput=TINY_BUDGET,
+        throughput_batches=(16, 64),
+        max_call_seconds=60.0,
+        cold_start_members=2,
+        cold_start_families=("mlp",),
+    )
+    return dataclasses.replace(settings, **changes)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("benchmarks")
+
+
+@pytest.mark.slow
+def test_every_approach_agrees_with_the_reference_and_fused_onnx_starts_without_tensorflow(
+    workdir, tmp_path
+):
+    results = suite.run(tiny_settings(), workdir=workdir)
+
+    assert results.failures == []
+    runnable = [name for name, approach in APPROACHES.items() if not approach.skipped_reason]
+    for name in runnable:
+        correctness = report.find(results.rows, approach=name, measure="correctness")
+        assert correctness["max_abs_diff"] <= 1e-4, name
+        latency = report.find(results.rows, approach=name, measure="latency", batch=1)
+        assert latency["latency_ms_p99"] >= latency["latency_ms_p50"] > 0, name
+        for batch in (16, 64):
+            throughput = report.find(results.rows, approach=name, measure="throughput", batch=batch)
+            assert throughput["rows_per_second"] > 0, name
+    fused_cold = report.find(results.rows, approach="fused_onnx", measure="cold_start")
+    baseline_cold = report.find(results.rows, approach="seed_predict_loop", measure="cold_start")
+    assert fused_cold["tensorflow_imported"] is False
+    assert baseline_cold["tensorflow_imported"] is True
+    assert fused_cold["peak_rss_mb"] > 0 and fused_cold["max_abs_diff"] <= 1e-4
+    stacked = report.find(results.rows, approach="fused_onnx_stacked")
+    assert stacked["skipped"] is True and "issue 4" in stacked["note"]
+
+    figures = plots.write_plots(results, tmp_path)
+    written = report.write(results, tmp_path, figures)
+    assert {path.name for path in figures} == {
+        "latency_mlp.png",
+        "throughput.png",
+        "cold_start.png",
+        "loading.png",
+    }
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["machine"]["cores_logical"] >= 1 and saved["machine"]["tensorflow"]
+    assert {row["approach"] for row in saved["rows"]} >= set(APPROACHES)
+    text = written[1].read_text()
+    assert "### mlp, N = 2, batch 1" in text and "Strongest baseline" in text
+    assert "![latency at batch 1 against N, mlp](latency_mlp.png)" in text
+
+
+@pytest.mark.slow
+def test_an_approach_that_disagrees_fails_the_run(workdir, monkeypatch):
+    fused_onnx = APPROACHES["fused_onnx"]
+    monkeypatch.setattr(fused_onnx, "predict", lambda self, x: self.model.predict(x) + 1e-3)
+
+    results = suite.run(
+        tiny_settings(cold_start_families=()), approaches=["fused_onnx"], workdir=workdir
+    )
+
+    assert len(results.failures) == 1
+    assert results.failures[0].startswith("fused_onnx differs from the reference by 0.001")
+
+
+def test_report_marks_missing_figures_and_states_ratios():
+    rows = [
+        {
+            "approach": approach,
+            "family": "mlp",
+            "n_members": 8,
+            "batch": 1,
+            "measure": "latency",
+            "latency_ms_p50": p50,
+            "latency_ms_p99": 2 * p50,
+            "calls": 100,
+        }
+        for approach, p50 in (("per_member_onnxruntime", 0.3), ("fused_onnx", 0.1))
+    ]
+    rows.append(
+        {
+            "approach": "fused_onnx_stacked",
+            "family": "mlp",
+            "n_members": 8,
+            "batch": None,
+            "measure": "all",
+            "skipped": True,
+            "note": "horizontal fusion (issue 4) not implemented yet",
+        }
+    )
+    settings = dataclasses.asdict(tiny_settings(member_counts={"mlp": (8,)}))
+    results = suite.Results(
+        machine={
+            "date": "2026-01-01",
+            "cpu_model": "test CPU",
+            "cores_logical": 2,
+            "memory_gb": 1.0,
+            "os": "Linux",
+            "python": "3.11",
+        },
+        settings=settings,
+        rows=rows,
+        failures=[],
+    )
+
+    text = report.markdown(results)
+
+    assert "fused_onnx answers in 0.1 ms, **3.0× faster**" in text
+    assert "| `fused_onnx_stacked` | — | — | — | skipped¹ | — |" in text
+    assert "horizontal fusion (issue 4) not implemented yet (mlp N=8)" in text
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--approaches", "fused_onnx,nope"], "unknown approaches ['nope']"),
+        (["--families", "rnn"], "unknown families ['rnn']"),
+        (["--mlp", "0,8"], "sizes must be positive integers"),
+    ],
+)
+def test_bad_arguments_exit_with_status_2(arguments, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(arguments)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_inputs_are_the_same_for_every_call():
+    from benchmarks.members import FAMILIES, random_inputs
+
+    first = random_inputs(FAMILIES["cnn"], 4, seed=3)
+    assert first.shape == (4, 32, 32, 3) and first.dtype == np.float32
+    np.testing.assert_array_equal(first, random_inputs(FAMILIES["cnn"], 4, seed=3))

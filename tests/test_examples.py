@@ -33,6 +33,27 @@ def test_digits_example_builds_a_fused_ensemble_and_reports_its_gains(tmp_path):
         assert re.search(rf"{re.escape(label)}\s+\d+\.\d+ ms", report), label
     assert re.search(r"starts [\d.]+x faster with [\d.]+x less memory", report)
 
+    heads = dict(
+        re.findall(
+            r"^   (best single member|\w+ \([^)]*\)|greedy selection, 10 rounds)\s+(0\.\d{4})",
+            report,
+            flags=re.MULTILINE,
+        )
+    )
+    assert set(heads) == {
+        "best single member",
+        "mean (soft voting)",
+        "vote (hard majority)",
+        "stack (fitted on validation)",
+        "greedy selection, 10 rounds",
+    }, heads
+    best = float(heads["best single member"])
+    assert float(heads["stack (fitted on validation)"]) >= max(
+        best, float(heads["mean (soft voting)"])
+    )
+    assert float(heads["greedy selection, 10 rounds"]) >= best
+    assert re.search(r"hold \d+ of the ensemble's \d+ mistakes", report)
+
     served = runtime.load(tmp_path / "digits.onnx")
     assert [member["name"] for member in served.manifest["members"]] == [
         "small",

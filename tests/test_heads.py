@@ -410,3 +410,53 @@ def test_inspect_shows_tasks_validation_and_selection(members_dir, tmp_path, cap
         "entropy",
         "mutual_info",
     ]
+
+
+def test_several_outputs_get_their_own_task_stacker_and_prefixed_extras(members_dir, tmp_path):
+    paths = [members_dir / "multi_a.keras", members_dir / "multi_b.keras"]
+    rng = np.random.default_rng(9)
+    x = {"num": rng.normal(size=(60, 4)), "cat": rng.normal(size=(60, 3))}
+    x = {name: value.astype(np.float32) for name, value in x.items()}
+    members = reference_outputs(paths, x)  # per member: [score, probs]
+    score_values = np.stack([outputs[0] for outputs in members]).astype(np.float64)
+    probs_values = np.stack([outputs[1] for outputs in members]).astype(np.float64)
+    fit = {
+        "x_num": x["num"],
+        "x_cat": x["cat"],
+        "y_score": 0.5 * score_values[0] + 0.5 * score_values[1],
+        "y_probs": probs_values[1].argmax(axis=-1),
+    }
+    ensemble = fuser.build(paths, "stack", fit_data=fit, uncertainty=True)
+    assert {name: task.kind for name, task in ensemble.tasks.items()} == {
+        "score": "regression",
+        "probs": "probabilities",
+    }
+    assert [spec.name for spec in ensemble.outputs] == [
+        "score",
+        "score_std",
+        "probs",
+        "probs_std",
+        "probs_entropy",
+        "probs_mutual_info",
+    ]
+    params = ensemble.manifest["head"]["params"]
+    assert params["score"]["model"] == "ridge regression"
+    assert params["probs"]["model"].startswith("multinomial logistic regression")
+    ensemble.save(tmp_path / "multi.onnx")
+    got = runtime.load(tmp_path / "multi.onnx").predict(x)
+    np.testing.assert_allclose(got["score"], fit["y_score"], atol=0.05)
+    np.testing.assert_allclose(got["score_std"], score_values.std(axis=0), atol=1e-5)
+    assert (got["probs"].argmax(axis=-1) == fit["y_probs"]).mean() > 0.9
+
+
+def test_select_on_several_outputs_is_refused(members_dir):
+    paths = [members_dir / "multi_a.keras", members_dir / "multi_b.keras"]
+    rng = np.random.default_rng(1)
+    fit = {
+        "x_num": rng.normal(size=(20, 4)).astype(np.float32),
+        "x_cat": rng.normal(size=(20, 3)).astype(np.float32),
+        "y_score": np.zeros((20, 1)),
+        "y_probs": np.arange(20) % 3,
+    }
+    with pytest.raises(FuseError, match=r"--select scores members on one output"):
+        fuser.build(paths, fit_data=fit, select="top:1")

@@ -54,7 +54,7 @@ class Settings:
 
 FULL = Settings(
     mode="full",
-    # About 15 minutes on 2 cores. Calls over max_call_seconds (the Keras predict loops at
+    # About 12 minutes on 2 cores. Calls over max_call_seconds (the Keras predict loops at
     # batch 4096 from N = 16 on) are skipped with a note rather than stretching the run.
     # The CNN family stops at 16 members: at 32, the per-member tf.function baseline at
     # batch 4096 grew past this machine's 24 GB and was killed by the kernel.

@@ -13,6 +13,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sys
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -245,14 +246,17 @@ class FusedOnnx(Approach):
 
     name = "fused_onnx"
     description = (
-        "the fused .onnx artifact through runtime.load(...).predict(x) (one session, "
-        "default SessionOptions, CPU)"
+        "the fused .onnx artifact, plain graph (--fusion off), through "
+        "runtime.load(...).predict(x) (one session, default SessionOptions, CPU)"
     )
+
+    def artifact(self) -> Path:
+        return self.member_set.fused_onnx_path
 
     def setup(self) -> None:
         import runtime
 
-        self.model = runtime.load(self.member_set.fused_onnx_path)
+        self.model = runtime.load(self.artifact())
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         return self.model.predict(x)
@@ -261,12 +265,17 @@ class FusedOnnx(Approach):
         self.model = None
 
 
-class FusedOnnxStacked(Approach):
+class FusedOnnxStacked(FusedOnnx):
     """The fused ONNX artifact with same-architecture members stacked (horizontal fusion)."""
 
     name = "fused_onnx_stacked"
-    description = "the fused .onnx artifact with horizontal fusion of same-architecture members"
-    skipped_reason = "horizontal fusion (issue 4) not implemented yet"
+    description = (
+        "the fused .onnx artifact with same-architecture members stacked (--fusion stack), "
+        "through runtime.load(...).predict(x)"
+    )
+
+    def artifact(self) -> Path:
+        return self.member_set.fused_stacked_onnx_path
 
 
 APPROACHES: dict[str, type[Approach]] = {

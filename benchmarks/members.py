@@ -124,7 +124,10 @@ class MemberSet:
     Attributes:
         member_paths: the members as ``.keras`` files.
         member_onnx_paths: each member alone as an ONNX file (a one-member fuser build).
-        fused_onnx_path, fused_keras_path: the fused ensemble of all N members.
+        fused_onnx_path, fused_keras_path: the fused ensemble of all N members, plain
+            graph (``--fusion off``).
+        fused_stacked_onnx_path: the same, same-architecture members stacked
+            (``--fusion stack``).
     """
 
     family: str
@@ -132,6 +135,7 @@ class MemberSet:
     member_onnx_paths: tuple[Path, ...]
     fused_onnx_path: Path
     fused_keras_path: Path
+    fused_stacked_onnx_path: Path
 
     @property
     def size(self) -> int:
@@ -149,6 +153,7 @@ class MemberSet:
                 "member_onnx_paths": [str(path) for path in self.member_onnx_paths],
                 "fused_onnx_path": str(self.fused_onnx_path),
                 "fused_keras_path": str(self.fused_keras_path),
+                "fused_stacked_onnx_path": str(self.fused_stacked_onnx_path),
             }
         )
 
@@ -161,4 +166,5 @@ class MemberSet:
             member_onnx_paths=tuple(Path(path) for path in data["member_onnx_paths"]),
             fused_onnx_path=Path(data["fused_onnx_path"]),
             fused_keras_path=Path(data["fused_keras_path"]),
+            fused_stacked_onnx_path=Path(data["fused_stacked_onnx_path"]),
         )

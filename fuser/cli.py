@@ -123,6 +123,13 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument(
         "--expose-members", action="store_true", help="add a members output (batch, members, ...)"
     )
+    build.add_argument(
+        "--fusion",
+        choices=("auto", "off", "stack"),
+        default="auto",
+        help="stack same-architecture members into one computation: auto (where measured "
+        "faster at every batch size), stack (wherever possible), off (default: auto)",
+    )
     build.add_argument("--jobs", type=int, help="members loaded at once (default: one per core)")
     build.add_argument("--xla", action="store_true", help="compile the fused function with XLA")
     build.add_argument("--opset", type=int, help="ONNX opset (default 17)")
@@ -190,6 +197,7 @@ def _build(arguments: argparse.Namespace) -> int:
         metric=arguments.metric,
         uncertainty=arguments.uncertainty,
         expose_members=arguments.expose_members,
+        fusion=arguments.fusion,
         jobs=arguments.jobs,
         input_name=arguments.input_name,
         xla=arguments.xla,
@@ -325,6 +333,17 @@ def describe_manifest(manifest: dict[str, Any], source: str) -> str:
     lines.append("outputs    " + "; ".join(spec.describe() for spec in specs(manifest, "outputs")))
     for output, task in (manifest.get("tasks") or {}).items():
         lines.append(f"task       {output}: {task['task']} ({task['reason']})")
+    fusion = manifest.get("fusion") or {}
+    for group in fusion.get("groups", []):
+        lines.append(
+            f"stacked    {len(group['members'])} members ({', '.join(group['members'])}), "
+            f"fusion {fusion.get('mode', '?')}"
+        )
+        for layer in group["layers"]:
+            lines.append(f"             {layer['layer']} ({layer['type']}): {layer['lowering']}")
+    for name, reason in (fusion.get("plain") or {}).items():
+        if fusion.get("groups") or fusion.get("mode") != "off":
+            lines.append(f"plain      {name}: {reason}")
     validation = manifest.get("validation") or {}
     for output, record in validation.get("outputs", {}).items():
         members_text = ", ".join(f"{name} {value:.4g}" for name, value in record["members"].items())

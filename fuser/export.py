@@ -147,7 +147,10 @@ def _convert_to_onnx(ensemble: Ensemble, opset: int, tf: Any, tf2onnx: Any) -> t
         convert_variables_to_constants_v2,
     )
 
-    concrete = ensemble.serving_function(jit_compile=False).get_concrete_function()
+    from runtime._keras import native_grouped_convolutions
+
+    with native_grouped_convolutions():
+        concrete = ensemble.serving_function(jit_compile=False).get_concrete_function()
     # Freezing turns captured variables and constants (a Normalization layer's mean, say)
     # into graph constants; unfrozen, tf2onnx would make them extra graph inputs.
     frozen = convert_variables_to_constants_v2(concrete)
@@ -176,11 +179,16 @@ def _rename_values(graph: Any, renames: dict[str, str]) -> None:
 def _write_savedmodel(ensemble: Ensemble, path: Path, opset: int) -> dict[str, Any]:
     from keras.export import ExportArchive
 
-    archive = ExportArchive()
-    archive.track(ensemble.model)
-    archive.add_endpoint("serving_default", ensemble.serving_function(jit_compile=ensemble.xla))
-    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
-        archive.write_out(str(path), verbose=False)
+    from runtime._keras import native_grouped_convolutions
+
+    # Everything traced here (the archive retraces) takes grouped convolutions as
+    # TensorFlow's own op, so the SavedModel needs no XLA to serve them.
+    with native_grouped_convolutions():
+        archive = ExportArchive()
+        archive.track(ensemble.model)
+        archive.add_endpoint("serving_default", ensemble.serving_function(jit_compile=ensemble.xla))
+        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+            archive.write_out(str(path), verbose=False)
     return {"signature": "serving_default", "xla": ensemble.xla}
 
 

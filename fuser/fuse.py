@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from fuser import stack as stack_lib
 from fuser import uncertainty as uncertainty_lib
 from fuser.heads import Head
 from fuser.members import Member
+from fuser.stack import FusionPlan
 from fuser.validate import Plan
 
 
@@ -24,6 +26,7 @@ def assemble(
     tasks: dict[str, str],
     uncertainty: bool = False,
     expose_members: bool = False,
+    fusion: FusionPlan | None = None,
 ) -> Any:
     """One functional model: the shared inputs, a branch per member, the head per output.
 
@@ -32,6 +35,10 @@ def assemble(
     model of its own name. The members themselves are not modified. For each output
     the members' tensors are stacked on axis 1, ``(batch, members, ...)``, which the
     head and the extra outputs (see ``fuser.uncertainty``) read.
+
+    With a ``fusion`` plan, each of its groups is one stacked sub-graph (see
+    ``fuser.stack``) that yields the group's ``(batch, G, ...)`` block at once; a group
+    whose lowering fails is demoted to plain branches and the plan says why.
     """
     import keras
     from keras import ops
@@ -40,18 +47,39 @@ def assemble(
         spec.name: keras.Input(shape=spec.shape[1:], dtype=spec.dtype, name=spec.name)
         for spec in plan.inputs
     }
-    per_output: list[list[Any]] = [[] for _ in plan.outputs]
+    # Per output, blocks of (batch, k, ...) values and the member positions they hold.
+    blocks: list[list[tuple[list[int], Any]]] = [[] for _ in plan.outputs]
+    position = {member.name: index for index, member in enumerate(members)}
+    stacked = set()
+    for number, group in enumerate(list(fusion.groups) if fusion is not None else []):
+        first = group.members[0]
+        try:
+            outputs = stack_lib.lower(
+                group,
+                [fused_inputs[name] for name in plan.input_order[first.name]],
+                prefix=f"stack{number}",
+            )
+        except stack_lib.Unsupported as reason:
+            fusion.demote(group, str(reason))
+            continue
+        indices = [position[member.name] for member in group.members]
+        for slot, index in enumerate(plan.output_order[first.name]):
+            blocks[slot].append((indices, ops.cast(outputs[index], "float32")))
+        stacked.update(member.name for member in group.members)
     for member in members:
+        if member.name in stacked:
+            continue
         branch = _branch(member, keras)
         branch_outputs = keras.tree.flatten(
             branch([fused_inputs[name] for name in plan.input_order[member.name]])
         )
         for slot, index in enumerate(plan.output_order[member.name]):
-            per_output[slot].append(branch_outputs[index])
+            tensor = ops.expand_dims(ops.cast(branch_outputs[index], "float32"), 1)
+            blocks[slot].append(([position[member.name]], tensor))
     combined = {}
     single = len(plan.outputs) == 1
     for slot, spec in enumerate(plan.outputs):
-        values = ops.stack([ops.cast(tensor, "float32") for tensor in per_output[slot]], axis=1)
+        values = _in_member_order(blocks[slot], ops)
         task = tasks[spec.name]
         prediction = head.combine(values, task=task, output=spec.name)
         combined[spec.name] = prediction
@@ -65,6 +93,17 @@ def assemble(
         outputs=combined,
         name="fused_ensemble",
     )
+
+
+def _in_member_order(blocks: list[tuple[list[int], Any]], ops: Any) -> Any:
+    """Join ``(batch, k, ...)`` blocks into ``(batch, members, ...)`` in member order."""
+    order = [index for indices, _ in blocks for index in indices]
+    tensors = [tensor for _, tensor in blocks]
+    values = tensors[0] if len(tensors) == 1 else ops.concatenate(tensors, axis=1)
+    if order == sorted(order):
+        return values
+    inverse = sorted(range(len(order)), key=order.__getitem__)
+    return ops.take(values, inverse, axis=1)
 
 
 def _branch(member: Member, keras: Any) -> Any:

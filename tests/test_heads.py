@@ -279,7 +279,7 @@ def test_top_k_selection_keeps_the_best_members_and_leaves_the_rest_out_of_the_g
 ):
     paths = [members_dir / name for name in CLASSIFIERS]
     val, _, _ = _validation_npz(tmp_path, paths)
-    ensemble = fuser.build(paths, fit_data=val, select="top:2")
+    ensemble = fuser.build(paths, fit_data=val, select="top:2", fusion="off")
     record = ensemble.manifest["validation"]
     scores = record["outputs"]["prediction"]["members"]
     best_two = sorted(scores, key=scores.get)[:2]

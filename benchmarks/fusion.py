@@ -1,0 +1,191 @@
+"""Horizontal fusion, measured: stacked against plain fused graphs and against one member.
+
+``python -m benchmarks.fusion [--quick] [--out DIR]`` builds 32 same-architecture MLPs
+(20 -> 64 -> 64 -> 5, softmax) and 8 small CNNs (two Conv2D + BatchNormalization +
+pooling on 32x32x3), each with its own random weights and biases. For each family it
+writes one member alone, the plain fused graph (``--fusion off``), the stacked one
+(``--fusion stack``) and what ``--fusion auto`` picks, checks that stacked and plain
+agree within 1e-5, and times every artifact through ``runtime.load(...).predict`` (ONNX
+Runtime, default session options) at several batch sizes: median of repeated calls
+after a warm-up. It writes ``DIR/fusion.json`` and ``DIR/FUSION.md`` with the ratios the
+horizontal-fusion issue is judged on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.machine import describe_machine
+from benchmarks.measure import Budget, timed_calls
+from benchmarks.members import FAMILIES, random_inputs
+
+CASES = {"mlp": 32, "cnn": 8}
+BATCHES = {"mlp": (1, 256, 4096), "cnn": (1, 64, 1024)}
+FULL = Budget(seconds=2.0, min_calls=5, max_calls=20000, warmup_calls=50, warmup_seconds=1.0)
+QUICK = Budget(seconds=0.4, min_calls=3, max_calls=5000, warmup_calls=10, warmup_seconds=0.3)
+
+
+def _with_random_biases(model: Any, seed: int) -> Any:
+    """Trained models have non-zero biases; zero ones let converters drop the additions."""
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if getattr(layer, "use_bias", False) and getattr(layer, "bias", None) is not None:
+            weights = layer.get_weights()
+            weights[1] = rng.normal(0, 0.1, weights[1].shape).astype("float32")
+            layer.set_weights(weights)
+    return model
+
+
+def write_members(family: str, count: int, directory: Path) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index in range(count):
+        path = directory / f"{family}_{index:02d}.keras"
+        if not path.exists():
+            seed = 5000 + index
+            _with_random_biases(FAMILIES[family].build(seed), seed).save(path)
+        paths.append(path)
+    return paths
+
+
+def build_artifacts(family: str, paths: list[Path], directory: Path) -> dict[str, Any]:
+    import fuser
+
+    artifacts: dict[str, Any] = {}
+    for label, members, fusion in (
+        ("one_member", paths[:1], "off"),
+        ("plain", paths, "off"),
+        ("stacked", paths, "stack"),
+        ("auto", paths, "auto"),
+    ):
+        started = time.perf_counter()
+        ensemble = fuser.build(members, fusion=fusion)
+        path = ensemble.save(directory / f"{family}_{label}.onnx", force=True)
+        artifacts[label] = {
+            "path": path,
+            "build_seconds": round(time.perf_counter() - started, 2),
+            "stacked_groups": [len(group.members) for group in ensemble.fusion.groups],
+            "fusion": ensemble.manifest["fusion"],
+        }
+    return artifacts
+
+
+def run(out: Path, *, quick: bool, workdir: Path) -> dict[str, Any]:
+    import fuser
+    import runtime
+
+    fuser.import_tensorflow()
+    budget = QUICK if quick else FULL
+    results: dict[str, Any] = {"machine": describe_machine(), "quick": quick, "families": {}}
+    for family, count in CASES.items():
+        if quick:
+            count = min(count, 4)
+        paths = write_members(family, count, workdir / family)
+        artifacts = build_artifacts(family, paths, workdir)
+        models = {label: runtime.load(entry["path"]) for label, entry in artifacts.items()}
+        check = random_inputs(FAMILIES[family], 64, seed=1)
+        difference = float(
+            np.abs(models["stacked"].predict(check) - models["plain"].predict(check)).max()
+        )
+        if difference > 1e-5:
+            raise SystemExit(f"{family}: stacked and plain differ by {difference:.3g} (> 1e-5)")
+        rows = []
+        for batch in BATCHES[family]:
+            x = random_inputs(FAMILIES[family], batch, seed=2)
+            row: dict[str, Any] = {"batch": batch}
+            for label, model in models.items():
+                seconds = timed_calls(model.predict, x, budget)
+                row[f"{label}_ms"] = round(float(np.median(seconds)) * 1000, 4)
+                row[f"{label}_calls"] = len(seconds)
+            row["stacked_over_plain"] = round(row["stacked_ms"] / row["plain_ms"], 3)
+            row["auto_over_plain"] = round(row["auto_ms"] / row["plain_ms"], 3)
+            row["stacked_over_one_member"] = round(row["stacked_ms"] / row["one_member_ms"], 3)
+            row["plain_over_one_member"] = round(row["plain_ms"] / row["one_member_ms"], 3)
+            rows.append(row)
+            print(
+                f"{family} N={count} batch {batch}: one member {row['one_member_ms']:.4f} ms, "
+                f"plain {row['plain_ms']:.4f} ms, stacked {row['stacked_ms']:.4f} ms "
+                f"(x{row['stacked_over_plain']} of plain, x{row['stacked_over_one_member']} of "
+                f"one member), auto x{row['auto_over_plain']} of plain",
+                flush=True,
+            )
+        results["families"][family] = {
+            "members": count,
+            "max_abs_difference_stacked_vs_plain": difference,
+            "auto_stacked_groups": artifacts["auto"]["stacked_groups"],
+            "auto_reasons": sorted(set(artifacts["auto"]["fusion"]["plain"].values())),
+            "stacked_layers": artifacts["stacked"]["fusion"]["groups"][0]["layers"],
+            "build_seconds": {label: entry["build_seconds"] for label, entry in artifacts.items()},
+            "rows": rows,
+        }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "fusion.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "FUSION.md").write_text(report(results))
+    return results
+
+
+def report(results: dict[str, Any]) -> str:
+    lines = [
+        "# Horizontal fusion: stacked vs plain fused graph vs one member",
+        "",
+        "`python -m benchmarks.fusion` — every artifact through `runtime.load(...).predict` "
+        "(ONNX Runtime, default session options). Median latency in ms of repeated calls after "
+        "a warm-up. *stacked* is `--fusion stack`, *plain* `--fusion off`, *auto* the default.",
+        "",
+        "Machine: {cpu_model}, {cores_logical} logical cores, {memory_gb} GB, Python {python}, "
+        "load average at start {load_average_at_start}.".format(**results["machine"]),
+        "",
+    ]
+    for family, data in results["families"].items():
+        lines += [
+            f"## {family}, {data['members']} members",
+            "",
+            f"Stacked vs plain outputs: max abs difference "
+            f"{data['max_abs_difference_stacked_vs_plain']:.2e}. "
+            f"`--fusion auto` stacked groups: {data['auto_stacked_groups'] or 'none'}"
+            + (f" ({'; '.join(data['auto_reasons'])})" if not data["auto_stacked_groups"] else "")
+            + ".",
+            "",
+            "| batch | one member | plain | stacked | auto | stacked / plain | "
+            "stacked / one member | plain / one member |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for row in data["rows"]:
+            lines.append(
+                f"| {row['batch']} | {row['one_member_ms']:.4f} | {row['plain_ms']:.4f} | "
+                f"{row['stacked_ms']:.4f} | {row['auto_ms']:.4f} | {row['stacked_over_plain']:.2f} | "
+                f"{row['stacked_over_one_member']:.2f} | {row['plain_over_one_member']:.2f} |"
+            )
+        lines += ["", "Lowering per layer (stacked):", ""]
+        for layer in data["stacked_layers"]:
+            lines.append(f"- `{layer['layer']}` ({layer['type']}): {layer['lowering']}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.fusion", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="4 members per family, short timing")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--workdir", type=Path, help="where members and artifacts go")
+    arguments = parser.parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if arguments.workdir is not None:
+        run(arguments.out, quick=arguments.quick, workdir=arguments.workdir)
+    else:
+        with tempfile.TemporaryDirectory(prefix="fuser-fusion-") as directory:
+            run(arguments.out, quick=arguments.quick, workdir=Path(directory))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

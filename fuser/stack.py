@@ -1,0 +1,831 @@
+"""Horizontal fusion: members with the same architecture become one stacked computation.
+
+Members trained from the same code (different seeds, data slices) have isomorphic
+graphs: the same layers, configs and connections, only names and weights differ.
+For such a group, each layer runs once for all G members instead of G times:
+
+- a ``Dense`` layer is a 1x1 convolution that runs along the batch: the rows are
+  the pixels of one long image, ``(1, 1, batch, features)``. The first on the shared
+  input is one convolution over the concatenated kernels (one matmul), later ones a
+  grouped convolution (``groups=G``: one batched matmul) whose bias and activation ONNX
+  Runtime fuses into it. Measured here, this beats both the plain branches and a
+  batched ``MatMul`` at every batch size (``benchmarks/fusion.py``): a batched matmul
+  needs its bias and activation as separate passes over ``G x batch x features``
+  values, which at batch 4096 made it slower than the plain graph;
+- the first ``Conv`` on the shared input is one convolution over the concatenated
+  filters, later ones a grouped convolution (``groups=G``, ONNX ``Conv`` ``group=G``);
+- per-channel layers (batch normalization, pooling, activations, ``Normalization``)
+  run once on the members' channels side by side.
+
+A stacked tensor lives in one of three layouts, converted where a layer needs another:
+
+- ``shared``: the same ``(batch, *shape)`` tensor for every member (the input, and
+  whatever weight-free or identical layers do to it);
+- ``wide``: ``(batch, *shape[:-1], G * C)``, the members' channels side by side;
+- ``line``: ``(1, 1, batch, G * features)`` for one-dimensional member tensors, the
+  batch as the width of an image, for ``Dense`` layers as convolutions.
+
+Everything is built from Keras' own layers and ``keras.ops``, so a ``.keras`` artifact
+still loads in safe mode. The lowering is exact up to float32 summation order.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fuser.members import Member
+
+MODES = ("auto", "off", "stack")
+
+ELEMENTWISE_ACTIVATIONS = frozenset(
+    {
+        "linear",
+        "relu",
+        "relu6",
+        "sigmoid",
+        "hard_sigmoid",
+        "tanh",
+        "elu",
+        "selu",
+        "gelu",
+        "silu",
+        "swish",
+        "softplus",
+        "softsign",
+        "exponential",
+        "leaky_relu",
+        "mish",
+        "hard_silu",
+        "hard_swish",
+        "celu",
+        "log_sigmoid",
+        "tanh_shrink",
+        "sparse_plus",
+        "squareplus",
+    }
+)
+# Activations over the last axis: per member, never across members.
+LAST_AXIS_ACTIVATIONS = frozenset({"softmax", "log_softmax", "sparsemax"})
+
+IDENTITY_LAYERS = frozenset(
+    {
+        "Dropout",
+        "SpatialDropout1D",
+        "SpatialDropout2D",
+        "SpatialDropout3D",
+        "GaussianNoise",
+        "GaussianDropout",
+        "AlphaDropout",
+        "ActivityRegularization",
+        "Identity",
+    }
+)
+ELEMENTWISE_LAYERS = frozenset({"Activation", "ReLU", "LeakyReLU", "ELU", "Softmax", "Rescaling"})
+# Layers that treat every channel on its own: they run unchanged on members side by side.
+CHANNELWISE_LAYERS = frozenset(
+    {
+        "MaxPooling1D",
+        "MaxPooling2D",
+        "MaxPooling3D",
+        "AveragePooling1D",
+        "AveragePooling2D",
+        "AveragePooling3D",
+        "GlobalMaxPooling1D",
+        "GlobalMaxPooling2D",
+        "GlobalMaxPooling3D",
+        "GlobalAveragePooling1D",
+        "GlobalAveragePooling2D",
+        "GlobalAveragePooling3D",
+        "ZeroPadding1D",
+        "ZeroPadding2D",
+        "ZeroPadding3D",
+        "Cropping1D",
+        "Cropping2D",
+        "Cropping3D",
+        "UpSampling1D",
+        "UpSampling2D",
+        "UpSampling3D",
+    }
+)
+MERGE_LAYERS = frozenset({"Add", "Subtract", "Multiply", "Average", "Maximum", "Minimum"})
+CONV_LAYERS = frozenset({"Conv1D", "Conv2D"})
+WEIGHTED_LAYERS = frozenset(
+    {"Dense", "BatchNormalization", "LayerNormalization", "Normalization", "DepthwiseConv2D"}
+    | CONV_LAYERS
+)
+SHAPE_LAYERS = frozenset({"Flatten", "Reshape", "Concatenate"})
+SUPPORTED_LAYERS = (
+    IDENTITY_LAYERS
+    | ELEMENTWISE_LAYERS
+    | CHANNELWISE_LAYERS
+    | MERGE_LAYERS
+    | WEIGHTED_LAYERS
+    | SHAPE_LAYERS
+    | {"InputLayer"}
+)
+# Config keys that hold weights rather than architecture.
+_WEIGHT_CONFIG_KEYS = {"Normalization": ("mean", "variance")}
+
+
+class Unsupported(Exception):
+    """A member's graph cannot be stacked; the message names the layer and why."""
+
+
+@dataclass(frozen=True)
+class Step:
+    """One layer call of a member's graph, in topological order."""
+
+    layer: Any
+    inbound: tuple[tuple[str, int, int], ...]  # ("input", i, 0) or ("step", j, k)
+    kwargs: tuple[tuple[str, Any], ...]
+    outputs: int
+
+
+@dataclass
+class Graph:
+    """A member's graph as steps, plus where its outputs come from."""
+
+    steps: list[Step]
+    outputs: list[tuple[str, int, int]]
+    signature: Any
+
+
+@dataclass
+class Group:
+    """Members stacked into one computation, with the lowering chosen for each layer."""
+
+    members: list[Member]
+    graphs: list[Graph]
+    layers: list[dict[str, str]] = field(default_factory=list)
+
+    def to_manifest(self) -> dict[str, Any]:
+        return {"members": [member.name for member in self.members], "layers": self.layers}
+
+
+@dataclass
+class FusionPlan:
+    """Which members are stacked, which stay plain branches and why."""
+
+    mode: str
+    groups: list[Group]
+    plain: dict[str, str]  # member name -> why it is not stacked
+
+    def to_manifest(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "groups": [group.to_manifest() for group in self.groups],
+            "plain": dict(self.plain),
+        }
+
+    def demote(self, group: Group, reason: str) -> None:
+        """Turn a group whose lowering failed back into plain branches."""
+        self.groups.remove(group)
+        for member in group.members:
+            self.plain[member.name] = reason
+
+    def notes(self) -> list[str]:
+        lines = []
+        for group in self.groups:
+            names = ", ".join(member.name for member in group.members)
+            lines.append(f"Stacked {len(group.members)} same-architecture members: {names}.")
+        reasons: dict[str, list[str]] = {}
+        for name, reason in self.plain.items():
+            reasons.setdefault(reason, []).append(name)
+        for reason, names in reasons.items():
+            lines.append(f"Not stacked ({', '.join(names)}): {reason}")
+        return lines
+
+
+def check_mode(mode: str) -> list[str]:
+    if mode not in MODES:
+        return [f"fusion must be one of {', '.join(MODES)}, got {mode!r}."]
+    return []
+
+
+def plan_fusion(
+    members: Sequence[Member],
+    input_order: dict[str, list[str]],
+    output_order: dict[str, list[int]],
+    mode: str = "auto",
+) -> FusionPlan:
+    """Group isomorphic members and decide which groups to stack.
+
+    ``stack`` stacks every group of two or more whose layers all have a lowering;
+    ``auto`` only those measured not to be slower than the plain branches at any batch
+    size on ONNX Runtime (``python -m benchmarks.fusion``): dense groups (MLPs) are
+    faster stacked at every batch size, groups with convolutions or pooling are faster at
+    batch 1 but slower at large batches, so ``auto`` keeps them plain. ``off`` stacks
+    nothing. The reason for every member left plain is kept.
+    """
+    if mode == "off":
+        return FusionPlan(mode, [], {m.name: "fusion is off (--fusion off)." for m in members})
+    plain: dict[str, str] = {}
+    buckets: dict[Any, list[tuple[Member, Graph]]] = {}
+    for member in members:
+        try:
+            graph = trace(member)
+        except Unsupported as reason:
+            plain[member.name] = str(reason)
+            continue
+        key = (graph.signature, tuple(input_order[member.name]), tuple(output_order[member.name]))
+        buckets.setdefault(key, []).append((member, graph))
+    groups = []
+    for bucket in buckets.values():
+        if len(bucket) == 1:
+            ((member, _),) = bucket
+            plain[member.name] = "no other member has the same architecture."
+            continue
+        spatial = _spatial_layer(bucket[0][1])
+        if mode == "auto" and spatial is not None:
+            for member, _ in bucket:
+                plain[member.name] = (
+                    f"--fusion auto keeps groups with {spatial} layers plain: stacked, they "
+                    "answer batch 1 about 2.5x faster but large batches up to 1.8x slower "
+                    "(ONNX Runtime's grouped convolution); --fusion stack stacks them."
+                )
+            continue
+        groups.append(Group([member for member, _ in bucket], [graph for _, graph in bucket]))
+    return FusionPlan(mode, groups, plain)
+
+
+def _spatial_layer(graph: Graph) -> str | None:
+    """The kind of the first convolution or pooling layer of ``graph``, if any."""
+    spatial = CONV_LAYERS | {"DepthwiseConv2D"} | CHANNELWISE_LAYERS
+    for step in graph.steps:
+        kind = type(step.layer).__name__
+        if kind in spatial:
+            return kind
+    return None
+
+
+def trace(member: Member) -> Graph:
+    """The member's layer graph, or ``Unsupported`` naming the layer that prevents stacking."""
+    if member.format == "savedmodel":
+        raise Unsupported(
+            f"{member.describe()} is a SavedModel; its layers are not visible, only its signature."
+        )
+    model = member.model
+    functional = getattr(model, "_functional", None) or model
+    if not hasattr(functional, "_nodes_by_depth"):
+        raise Unsupported(f"{member.describe()} is a subclassed model; its graph is not visible.")
+    positions: dict[int, tuple[str, int, int]] = {
+        id(tensor): ("input", index, 0) for index, tensor in enumerate(functional.inputs)
+    }
+    for spec in member.inputs:
+        if any(dim is None for dim in spec.shape[1:]):
+            raise Unsupported(
+                f"{member.describe()} takes input {spec.name!r} of shape {spec.shape}; "
+                "stacking needs every dimension but the batch fixed."
+            )
+    steps: list[Step] = []
+    signature: list[Any] = []
+    for depth in sorted(functional._nodes_by_depth, reverse=True):
+        for node in functional._nodes_by_depth[depth]:
+            if node.is_input or node.operation is None:
+                continue
+            layer = node.operation
+            kind = type(layer).__name__
+            where = f"layer {layer.name!r} ({kind}) of {_lower_first(member.describe())}"
+            if kind not in SUPPORTED_LAYERS or not type(layer).__module__.startswith("keras."):
+                raise Unsupported(f"{where} has no stacked lowering.")
+            if any(id(tensor) not in positions for tensor in node.arguments.keras_tensors):
+                raise Unsupported(f"{where} reads a tensor from outside the model.")
+            inbound = tuple(positions[id(tensor)] for tensor in node.arguments.keras_tensors)
+            kwargs = tuple(
+                sorted(
+                    (key, repr(value))
+                    for key, value in node.arguments.kwargs.items()
+                    if key not in ("training", "mask")
+                )
+            )
+            if kwargs:
+                raise Unsupported(f"{where} is called with arguments {dict(kwargs)}.")
+            _check_layer(layer, where)
+            outputs = node.outputs
+            for index, tensor in enumerate(outputs):
+                positions[id(tensor)] = ("step", len(steps), index)
+            steps.append(Step(layer, inbound, kwargs, len(outputs)))
+            signature.append((kind, _architecture(layer), _weight_shapes(layer), inbound))
+    graph_outputs = []
+    for tensor in functional.outputs:
+        if id(tensor) not in positions:
+            raise Unsupported(f"{member.describe()} has an output outside its layer graph.")
+        graph_outputs.append(positions[id(tensor)])
+    if len(graph_outputs) != len(member.outputs):
+        raise Unsupported(f"{member.describe()} has nested outputs.")
+    return Graph(steps, graph_outputs, (tuple(signature), tuple(graph_outputs)))
+
+
+def _lower_first(text: str) -> str:
+    return text[:1].lower() + text[1:]
+
+
+def _check_layer(layer: Any, where: str) -> None:
+    config = layer.get_config()
+    dtype = getattr(layer, "compute_dtype", "float32")
+    if dtype != "float32":
+        raise Unsupported(f"{where} computes in {dtype}; stacking supports float32.")
+    kind = type(layer).__name__
+    if config.get("data_format", "channels_last") != "channels_last":
+        raise Unsupported(f"{where} uses data_format={config['data_format']!r}.")
+    last_axis_only = {
+        "BatchNormalization": "renorm",
+        "LayerNormalization": "rms_scaling",
+        "Normalization": None,
+        "Softmax": None,
+    }
+    if kind in last_axis_only:
+        flag = last_axis_only[kind]
+        if _last_axis(config.get("axis"), layer) is None or (flag and config.get(flag)):
+            raise Unsupported(f"{where} acts on axes other than the last one (or uses {flag}).")
+    if "activation" in config:
+        name = _activation_name(config["activation"])
+        if name not in ELEMENTWISE_ACTIVATIONS | LAST_AXIS_ACTIVATIONS:
+            raise Unsupported(f"{where} uses the activation {name!r}.")
+    if kind == "Concatenate" and not isinstance(config.get("axis"), int):
+        raise Unsupported(f"{where} has no integer axis.")
+    if kind == "DepthwiseConv2D" and config.get("depth_multiplier", 1) < 1:
+        raise Unsupported(f"{where} has no positive depth multiplier.")
+
+
+def _last_axis(axis: Any, layer: Any) -> int | None:
+    """-1 when ``axis`` names only the last axis of the layer's input, else None."""
+    rank = len(layer.input.shape) if _has_input(layer) else None
+    if isinstance(axis, (list, tuple)):
+        if len(axis) != 1:
+            return None
+        (axis,) = axis
+    if axis is None:
+        return None
+    if axis == -1 or (rank is not None and axis == rank - 1):
+        return -1
+    return None
+
+
+def _has_input(layer: Any) -> bool:
+    try:
+        layer.input  # noqa: B018 - raises for layers called more than once
+    except (AttributeError, ValueError):
+        return False
+    return True
+
+
+def _activation_name(activation: Any) -> str:
+    if isinstance(activation, str):
+        return activation
+    if isinstance(activation, dict):
+        return str(activation.get("config", activation.get("class_name", "")))
+    return getattr(activation, "__name__", repr(activation))
+
+
+def _architecture(layer: Any) -> str:
+    config = dict(layer.get_config())
+    config.pop("name", None)
+    config.pop("trainable", None)
+    for key in _WEIGHT_CONFIG_KEYS.get(type(layer).__name__, ()):
+        config.pop(key, None)
+    return repr(sorted(config.items(), key=lambda item: item[0]))
+
+
+def _weight_shapes(layer: Any) -> tuple:
+    return tuple(tuple(weight.shape) for weight in layer.weights)
+
+
+# ---------------------------------------------------------------------------------------
+# Lowering
+
+
+@dataclass
+class Value:
+    """A stacked tensor: its layout and each member's shape (batch excluded)."""
+
+    tensor: Any
+    layout: str  # "shared" | "wide" | "line"
+    shape: tuple[int, ...]
+
+
+class _Lowering:
+    """Builds one group's stacked sub-graph on the fused model's inputs."""
+
+    def __init__(self, group: Group, prefix: str) -> None:
+        import keras
+        from keras import ops
+
+        self.keras, self.ops = keras, ops
+        self.group = group
+        self.size = len(group.members)
+        self.prefix = prefix
+        self.records: list[dict[str, str]] = []
+
+    # layouts ----------------------------------------------------------------------------
+
+    def mid(self, value: Value) -> Any:
+        """``(batch, G, *shape)``."""
+        ops, size, shape = self.ops, self.size, value.shape
+        if value.layout == "shared":
+            return ops.repeat(ops.expand_dims(value.tensor, 1), size, axis=1)
+        if value.layout == "line":
+            return ops.reshape(value.tensor, (-1, size, *shape))
+        rank = len(shape)
+        tensor = ops.reshape(value.tensor, (-1, *shape[:-1], size, shape[-1]))
+        if rank == 1:
+            return tensor
+        return ops.transpose(tensor, (0, rank, *range(1, rank), rank + 1))
+
+    def from_mid(self, tensor: Any, shape: tuple[int, ...]) -> Value:
+        """A ``(batch, G, *shape)`` tensor as ``wide``."""
+        ops, size, rank = self.ops, self.size, len(shape)
+        if rank > 1:
+            tensor = ops.transpose(tensor, (0, *range(2, rank + 1), 1, rank + 1))
+        tensor = ops.reshape(tensor, (-1, *shape[:-1], size * shape[-1]))
+        return Value(tensor, "wide", shape)
+
+    def wide(self, value: Value) -> Value:
+        if value.layout == "wide":
+            return value
+        if value.layout == "shared":
+            reps = [1] * len(value.shape) + [self.size]
+            return Value(self.ops.tile(value.tensor, reps), "wide", value.shape)
+        if value.layout == "line":
+            tensor = self.ops.reshape(value.tensor, (-1, self.size * value.shape[0]))
+            return Value(tensor, "wide", value.shape)
+        return self.from_mid(self.mid(value), value.shape)
+
+    def line(self, value: Value) -> Value:
+        """``(1, 1, batch, G * features)``; a rank-N member tensor is flattened on the way."""
+        if value.layout == "line":
+            return value
+        ops, size = self.ops, self.size
+        features = math.prod(value.shape)
+        if value.layout == "wide" and len(value.shape) == 1:
+            tensor = value.tensor
+        else:
+            tensor = self.mid(value)
+        return Value(ops.reshape(tensor, (1, 1, -1, size * features)), "line", (features,))
+
+    def output(self, value: Value) -> Any:
+        return self.mid(value)
+
+    # helpers ----------------------------------------------------------------------------
+
+    def name(self, layer: Any, suffix: str = "") -> str:
+        return f"{self.prefix}_{layer.name}{suffix}"
+
+    def record(self, layer: Any, lowering: str, why: str) -> None:
+        self.records.append(
+            {"layer": layer.name, "type": type(layer).__name__, "lowering": lowering, "why": why}
+        )
+
+    def weights(self, layers: Sequence[Any]) -> list[list[np.ndarray]]:
+        """Per member, the layer's weights as NumPy arrays."""
+        return [[np.asarray(w) for w in layer.get_weights()] for layer in layers]
+
+    def activation(self, value: Value, activation: Any, name: str) -> Value:
+        kind = _activation_name(activation)
+        if kind == "linear":
+            return value
+        layer = self.keras.layers.Activation(activation, name=name)
+        return (
+            self.apply_last_axis(value, layer)
+            if kind in LAST_AXIS_ACTIVATIONS
+            else (Value(layer(value.tensor), value.layout, value.shape))
+        )
+
+    def apply_last_axis(self, value: Value, layer: Any) -> Value:
+        """A layer acting on each member's last axis (softmax): never mix members' channels."""
+        if value.layout == "shared":
+            return Value(layer(value.tensor), value.layout, value.shape)
+        tensor = layer(self.mid(value))
+        if value.layout == "line":
+            tensor = self.ops.reshape(tensor, (1, 1, -1, self.size * value.shape[0]))
+            return Value(tensor, "line", value.shape)
+        return self.from_mid(tensor, value.shape)
+
+    # the lowering -----------------------------------------------------------------------
+
+    def run(self, inputs: Sequence[Any]) -> list[Any]:
+        graphs = self.group.graphs
+        values: dict[tuple[str, int, int], Value] = {
+            ("input", index, 0): Value(tensor, "shared", tuple(tensor.shape[1:]))
+            for index, tensor in enumerate(inputs)
+        }
+        for index, step in enumerate(graphs[0].steps):
+            layers = [graph.steps[index].layer for graph in graphs]
+            arguments = [values[position] for position in step.inbound]
+            results = self.lower(layers, arguments)
+            for slot, result in enumerate(results):
+                values[("step", index, slot)] = result
+        return [self.output(values[position]) for position in graphs[0].outputs]
+
+    def lower(self, layers: list[Any], arguments: list[Value]) -> list[Value]:
+        first = layers[0]
+        kind = type(first).__name__
+        method = getattr(self, f"lower_{kind}", None)
+        families = (
+            (IDENTITY_LAYERS, self.lower_identity),
+            (ELEMENTWISE_LAYERS, self.lower_elementwise),
+            (CHANNELWISE_LAYERS, self.lower_channelwise),
+            (MERGE_LAYERS, self.lower_merge),
+        )
+        for family, candidate in families:
+            if method is None and kind in family:
+                method = candidate
+        if method is None:
+            raise Unsupported(f"layer {first.name!r} ({kind}) has no stacked lowering.")
+        result = method(layers, arguments)
+        return result if isinstance(result, list) else [result]
+
+    def clone(self, layer: Any, suffix: str = "") -> Any:
+        config = layer.get_config()
+        config["name"] = self.name(layer, suffix)
+        return type(layer).from_config(config)
+
+    def lower_identity(self, layers, arguments):
+        self.record(layers[0], "identity", "inactive at inference")
+        return arguments[0]
+
+    def lower_elementwise(self, layers, arguments):
+        (value,) = arguments
+        layer = self.clone(layers[0])
+        kind = type(layers[0]).__name__
+        if kind == "Softmax" or (
+            kind == "Activation"
+            and _activation_name(layers[0].get_config()["activation"]) in LAST_AXIS_ACTIVATIONS
+        ):
+            self.record(layers[0], "once, per member's last axis", "no weights")
+            return self.apply_last_axis(value, layer)
+        self.record(layers[0], "once, elementwise", "no weights")
+        return Value(layer(value.tensor), value.layout, value.shape)
+
+    def lower_channelwise(self, layers, arguments):
+        (value,) = arguments
+        layer = self.clone(layers[0])
+        if value.layout == "line":
+            value = self.wide(value)
+        tensor = layer(value.tensor)
+        shape = tuple(tensor.shape[1:])
+        if value.layout == "wide":
+            shape = (*shape[:-1], shape[-1] // self.size)
+        self.record(layers[0], "once, members' channels side by side", "acts on each channel")
+        return Value(tensor, value.layout, shape)
+
+    def lower_merge(self, layers, arguments):
+        layer = self.clone(layers[0])
+        layouts = {value.layout for value in arguments}
+        if layouts == {"shared"} or layouts == {"line"}:
+            layout = layouts.pop()
+            tensors = [value.tensor for value in arguments]
+        else:
+            layout = "wide"
+            tensors = [self.wide(value).tensor for value in arguments]
+        self.record(layers[0], "once, elementwise", "elementwise across inputs")
+        return Value(layer(tensors), layout, arguments[0].shape)
+
+    def lower_Flatten(self, layers, arguments):
+        (value,) = arguments
+        if value.layout == "shared":
+            self.record(layers[0], "once, shared", "same input for every member")
+            return Value(self.clone(layers[0])(value.tensor), "shared", (math.prod(value.shape),))
+        self.record(layers[0], "per member flatten", "flattens each member's tensor")
+        return self.line(value)
+
+    def lower_Reshape(self, layers, arguments):
+        (value,) = arguments
+        target = tuple(layers[0].get_config()["target_shape"])
+        if -1 in target:
+            known = math.prod(dim for dim in target if dim != -1)
+            target = tuple(math.prod(value.shape) // known if dim == -1 else dim for dim in target)
+        if value.layout == "shared":
+            self.record(layers[0], "once, shared", "same input for every member")
+            return Value(self.clone(layers[0])(value.tensor), "shared", target)
+        if len(target) == 1:
+            self.record(layers[0], "per member flatten", "flattens each member's tensor")
+            return self.line(value)
+        self.record(layers[0], "per member reshape", "keeps members apart")
+        tensor = self.ops.reshape(self.mid(value), (-1, self.size, *target))
+        return self.from_mid(tensor, target)
+
+    def lower_Concatenate(self, layers, arguments):
+        axis = layers[0].get_config()["axis"]
+        if {value.layout for value in arguments} == {"shared"}:
+            self.record(layers[0], "once, shared", "same inputs for every member")
+            tensor = self.clone(layers[0])([value.tensor for value in arguments])
+            return Value(tensor, "shared", tuple(tensor.shape[1:]))
+        rank = len(arguments[0].shape)
+        axis = axis if axis >= 0 else rank + 1 + axis  # in (batch, *shape)
+        tensor = self.ops.concatenate([self.mid(value) for value in arguments], axis=axis + 1)
+        shape = tuple(tensor.shape[2:])
+        self.record(layers[0], "per member concatenation", "keeps members apart")
+        return self.from_mid(tensor, shape)
+
+    def lower_Dense(self, layers, arguments):
+        (value,) = arguments
+        first = layers[0]
+        config = first.get_config()
+        use_bias = config["use_bias"]
+        weights = self.weights(layers)
+        units = config["units"]
+        kernel = np.concatenate([w[0] for w in weights], axis=-1)
+        parts = [kernel]
+        if use_bias:
+            parts.append(np.concatenate([w[1] for w in weights]))
+        if value.layout == "shared" and len(value.shape) > 1:
+            dense = self.keras.layers.Dense(
+                units * self.size, use_bias=use_bias, name=self.name(first)
+            )
+            tensor = dense(value.tensor)
+            dense.set_weights(parts)
+            self.record(
+                first,
+                "one matmul over the concatenated kernels",
+                "every member reads the same input: one matmul instead of G",
+            )
+            result = Value(tensor, "wide", (*value.shape[:-1], units))
+        else:
+            if len(value.shape) != 1:
+                raise Unsupported(
+                    f"layer {first.name!r} (Dense) acts on rank-{len(value.shape)} tensors "
+                    "that differ between members."
+                )
+            if value.layout == "shared":
+                tensor, groups = self.ops.reshape(value.tensor, (1, 1, -1, value.shape[0])), 1
+                lowering = "one 1x1 convolution over the concatenated kernels, along the batch"
+                why = "every member reads the same input: one matmul instead of G"
+            else:
+                tensor, groups = self.line(value).tensor, self.size
+                lowering = f"grouped 1x1 convolution (groups={groups}), along the batch"
+                why = "one batched matmul with fused bias and activation instead of G matmuls"
+            dense = self.keras.layers.Conv2D(
+                units * self.size, 1, groups=groups, use_bias=use_bias, name=self.name(first)
+            )
+            tensor = dense(tensor)
+            parts[0] = kernel[None, None]
+            dense.set_weights(parts)
+            self.record(first, lowering, why)
+            result = Value(tensor, "line", (units,))
+        return self.activation(result, config["activation"], self.name(first, "_activation"))
+
+    def lower_BatchNormalization(self, layers, arguments):
+        (value,) = arguments
+        first = layers[0]
+        config = first.get_config()
+        params = [self._batchnorm_params(layer) for layer in layers]
+        if value.layout == "shared" and all(
+            all(np.array_equal(a, b) for a, b in zip(params[0], other)) for other in params[1:]
+        ):
+            self.record(first, "once, shared", "identical in every member, same input")
+            layer = self.clone(first)
+            return Value(layer(value.tensor), "shared", value.shape)
+        if value.layout != "line":
+            value = self.wide(value)
+        layer = self.keras.layers.BatchNormalization(
+            axis=-1, epsilon=config["epsilon"], name=self.name(first)
+        )
+        tensor = layer(value.tensor)
+        layer.set_weights([np.concatenate(part) for part in zip(*params)])
+        self.record(first, "once, members' channels side by side", "acts on each channel")
+        return Value(tensor, value.layout, value.shape)
+
+    @staticmethod
+    def _batchnorm_params(layer: Any) -> list[np.ndarray]:
+        channels = int(layer.moving_mean.shape[0])
+        gamma = np.asarray(layer.gamma) if layer.gamma is not None else np.ones(channels)
+        beta = np.asarray(layer.beta) if layer.beta is not None else np.zeros(channels)
+        return [
+            gamma.astype(np.float32),
+            beta.astype(np.float32),
+            np.asarray(layer.moving_mean),
+            np.asarray(layer.moving_variance),
+        ]
+
+    def lower_LayerNormalization(self, layers, arguments):
+        (value,) = arguments
+        first = layers[0]
+        config = first.get_config()
+        norm = self.keras.layers.LayerNormalization(
+            axis=-1, epsilon=config["epsilon"], center=False, scale=False, name=self.name(first)
+        )
+        channels = value.shape[-1]
+        if value.layout == "shared":
+            normalized = Value(norm(value.tensor), "shared", value.shape)
+        else:
+            normalized = self.from_mid(norm(self.mid(value)), value.shape)
+        gammas = [
+            np.asarray(layer.gamma) if layer.gamma is not None else np.ones(channels)
+            for layer in layers
+        ]
+        betas = [
+            np.asarray(layer.beta) if layer.beta is not None else np.zeros(channels)
+            for layer in layers
+        ]
+        normalized = self.wide(normalized)
+        affine = self.keras.layers.BatchNormalization(
+            axis=-1, epsilon=0.0, name=self.name(first, "_affine")
+        )
+        tensor = affine(normalized.tensor)
+        affine.set_weights(
+            [
+                np.concatenate(gammas).astype(np.float32),
+                np.concatenate(betas).astype(np.float32),
+                np.zeros(channels * self.size, np.float32),
+                np.ones(channels * self.size, np.float32),
+            ]
+        )
+        self.record(
+            first,
+            "normalization per member, then one affine over members side by side",
+            "statistics per member, scale and offset per channel",
+        )
+        return Value(tensor, "wide", value.shape)
+
+    def lower_Normalization(self, layers, arguments):
+        (value,) = arguments
+        first = layers[0]
+        config = first.get_config()
+        means = [np.asarray(layer.mean, np.float32).reshape(-1) for layer in layers]
+        variances = [np.asarray(layer.variance, np.float32).reshape(-1) for layer in layers]
+        invert = config.get("invert", False)
+        if value.layout == "shared" and all(
+            np.array_equal(means[0], m) and np.array_equal(variances[0], v)
+            for m, v in zip(means[1:], variances[1:])
+        ):
+            self.record(first, "once, shared", "identical statistics in every member")
+            layer = self.keras.layers.Normalization(
+                axis=-1, mean=means[0], variance=variances[0], invert=invert, name=self.name(first)
+            )
+            return Value(layer(value.tensor), "shared", value.shape)
+        if value.layout != "line":
+            value = self.wide(value)
+        layer = self.keras.layers.Normalization(
+            axis=-1,
+            mean=np.concatenate(means),
+            variance=np.concatenate(variances),
+            invert=invert,
+            name=self.name(first),
+        )
+        self.record(first, "once, members' channels side by side", "statistics per channel")
+        return Value(layer(value.tensor), value.layout, value.shape)
+
+    def _conv(self, layers, arguments, *, depthwise: bool):
+        (value,) = arguments
+        first = layers[0]
+        config = dict(first.get_config())
+        activation = config.pop("activation", "linear")
+        weights = self.weights(layers)
+        use_bias = config["use_bias"]
+        config["name"] = self.name(first)
+        config["activation"] = "linear"
+        shared = value.layout == "shared"
+        if depthwise:
+            value = self.wide(value)
+            kernel = np.concatenate([w[0] for w in weights], axis=2)
+            lowering = "one depthwise convolution over members side by side"
+            why = "acts on each channel"
+        elif shared:
+            kernel = np.concatenate([w[0] for w in weights], axis=-1)
+            config["filters"] = config["filters"] * self.size
+            lowering = "one convolution over the concatenated filters"
+            why = "every member reads the same input: one convolution instead of G"
+        else:
+            value = self.wide(value)
+            kernel = np.concatenate([w[0] for w in weights], axis=-1)
+            config["filters"] = config["filters"] * self.size
+            config["groups"] = config.get("groups", 1) * self.size
+            lowering = f"grouped convolution (groups={config['groups']})"
+            why = "one convolution replaces G"
+        layer = type(first).from_config(config)
+        tensor = layer(value.tensor)
+        parts = [kernel]
+        if use_bias:
+            parts.append(np.concatenate([w[1] for w in weights]))
+        layer.set_weights(parts)
+        self.record(first, lowering, why)
+        channels = tensor.shape[-1] // self.size
+        result = Value(tensor, "wide", (*tensor.shape[1:-1], channels))
+        return self.activation(result, activation, self.name(first, "_activation"))
+
+    def lower_Conv1D(self, layers, arguments):
+        return self._conv(layers, arguments, depthwise=False)
+
+    def lower_Conv2D(self, layers, arguments):
+        return self._conv(layers, arguments, depthwise=False)
+
+    def lower_DepthwiseConv2D(self, layers, arguments):
+        return self._conv(layers, arguments, depthwise=True)
+
+
+def lower(group: Group, inputs: Sequence[Any], prefix: str) -> list[Any]:
+    """Build the group's stacked sub-graph on ``inputs`` (the member's input order).
+
+    Returns one ``(batch, G, ...)`` tensor per member output, and records on the group
+    the lowering chosen for each layer and why.
+    """
+    lowering = _Lowering(group, prefix)
+    outputs = lowering.run(inputs)
+    group.layers = lowering.records
+    return outputs

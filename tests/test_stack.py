@@ -1,0 +1,313 @@
+"""Horizontal fusion: stacked groups compute what the plain branches compute.
+
+The property test draws member architectures from the supported layer set, builds
+the same ensemble stacked and plain, and compares every member's output (through
+``expose_members``) in the Keras model and the ONNX artifact; fixed cases cover the
+SavedModel and ``.keras`` artifacts, the modes, mixed ensembles and the reasons given
+for members left plain.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_cli import run_cli
+
+import runtime
+from fuser.errors import FuseError
+
+TOLERANCE = 1e-5
+
+
+def _randomize_statistics(model, rng: np.random.Generator) -> None:
+    """Give normalization layers member-specific statistics, as training would."""
+    import keras
+
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            weights = layer.get_weights()
+            size = weights[0].shape[0]
+            new = [rng.uniform(0.5, 1.5, size), rng.normal(0, 0.3, size)][: len(weights) - 2]
+            new += [rng.normal(0, 0.5, size), rng.uniform(0.5, 2.0, size)]
+            layer.set_weights([w.astype("float32") for w in new])
+        if isinstance(layer, keras.layers.LayerNormalization):
+            layer.set_weights(
+                [rng.normal(1, 0.3, w.shape).astype("float32") for w in layer.get_weights()]
+            )
+
+
+def _dense_block(x, choice: int, width: int, layers):
+    if choice == 0:
+        return layers.Dense(width, activation="relu")(x)
+    if choice == 1:
+        x = layers.Dense(width)(x)
+        return layers.Activation("tanh")(layers.BatchNormalization()(x))
+    if choice == 2:
+        x = layers.Dense(width, activation="swish")(x)
+        return layers.Dropout(0.4)(layers.LayerNormalization()(x))
+    if choice == 3:  # residual
+        y = layers.Dense(x.shape[-1], activation="relu")(x)
+        return layers.Add()([x, y])
+    if choice == 4:  # two branches joined
+        a = layers.Dense(width // 2, activation="sigmoid")(x)
+        b = layers.Dense(width // 2, use_bias=False)(x)
+        return layers.Concatenate()([a, b])
+    y = layers.Dense(x.shape[-1], activation="sigmoid")(x)  # gating
+    return layers.Multiply()([x, y])
+
+
+def _conv_block(x, choice: int, filters: int, layers):
+    if choice == 0:
+        x = layers.Conv2D(filters, 3, padding="same")(x)
+        return layers.ReLU()(layers.BatchNormalization()(x))
+    if choice == 1:
+        return layers.DepthwiseConv2D(3, padding="same", depth_multiplier=2, activation="elu")(x)
+    if choice == 2:  # residual
+        y = layers.Conv2D(x.shape[-1], 1, activation="relu")(x)
+        return layers.Add()([x, y])
+    if choice == 3 and x.shape[1] >= 4:
+        return layers.MaxPooling2D()(x)
+    if choice == 4 and x.shape[1] >= 4:
+        return layers.AveragePooling2D(2)(x)
+    return layers.Conv2D(filters, 3, padding="valid" if x.shape[1] > 3 else "same")(x)
+
+
+architectures = st.fixed_dictionaries(
+    {
+        "image": st.booleans(),
+        "conv": st.lists(st.integers(0, 5), min_size=1, max_size=3),
+        "dense": st.lists(st.integers(0, 5), min_size=0, max_size=3),
+        "width": st.sampled_from([4, 8, 12]),
+        "pool": st.sampled_from(["flatten", "global", "reshape"]),
+        "output": st.sampled_from(["softmax", "linear"]),
+        "members": st.integers(2, 3),
+        "normalize": st.booleans(),
+    }
+)
+
+
+def build_members(spec: dict, seed: int = 0) -> list:
+    import keras
+    from keras import layers
+
+    def one(index: int):
+        keras.utils.set_random_seed(seed * 100 + index)
+        rng = np.random.default_rng(seed * 100 + index)
+        if spec["image"]:
+            inputs = keras.Input((6, 6, 2), name="image")
+            x = layers.Conv2D(spec["width"], 3, padding="same", activation="relu")(inputs)
+            for choice in spec["conv"]:
+                x = _conv_block(x, choice, spec["width"], layers)
+            if spec["pool"] == "global":
+                x = layers.GlobalAveragePooling2D()(x)
+            elif spec["pool"] == "reshape":
+                x = layers.Reshape((-1,))(x)
+            else:
+                x = layers.Flatten()(x)
+        else:
+            inputs = keras.Input((7,), name="features")
+            x = inputs
+            if spec["normalize"]:
+                x = layers.Normalization(
+                    mean=rng.normal(size=7), variance=rng.uniform(0.5, 2, size=7)
+                )(x)
+            x = layers.Dense(spec["width"], activation="relu")(x)
+        for choice in spec["dense"]:
+            x = _dense_block(x, choice, spec["width"], layers)
+        outputs = layers.Dense(3, activation=spec["output"], name="out")(x)
+        model = keras.Model(inputs, outputs)
+        _randomize_statistics(model, rng)
+        return model
+
+    return [(f"m{index}", one(index)) for index in range(spec["members"])]
+
+
+def _inputs(ensemble, rows: int = 5) -> np.ndarray:
+    spec = ensemble.inputs[0]
+    rng = np.random.default_rng(7)
+    return rng.standard_normal((rows, *spec.shape[1:])).astype("float32")
+
+
+def _pair(members, **options):
+    import fuser
+
+    plain = fuser.build(members, fusion="off", expose_members=True, **options)
+    stacked = fuser.build(members, fusion="stack", expose_members=True, **options)
+    return plain, stacked
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(spec=architectures)
+def test_stacked_equals_plain_for_random_architectures(spec, tmp_path_factory):
+    members = build_members(spec)
+    plain, stacked = _pair(members)
+    assert [len(group.members) for group in stacked.fusion.groups] == [spec["members"]], (
+        stacked.fusion.plain
+    )
+    x = _inputs(plain)
+    want = plain.predict(x, as_dict=True)
+    got = stacked.predict(x, as_dict=True)
+    assert set(got) == {"prediction", "members"}
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=TOLERANCE, atol=TOLERANCE)
+    path = stacked.save(tmp_path_factory.mktemp("stack") / "stacked.onnx")
+    served = runtime.load(path).predict(x)
+    for name in want:
+        np.testing.assert_allclose(served[name], want[name], rtol=TOLERANCE, atol=TOLERANCE)
+
+
+CNN = {
+    "image": True,
+    "conv": [0, 1, 3, 2],
+    "dense": [1],
+    "width": 8,
+    "pool": "global",
+    "output": "softmax",
+    "members": 3,
+    "normalize": False,
+}
+MLP = {**CNN, "image": False, "dense": [1, 2, 3, 4, 5], "normalize": True}
+
+
+@pytest.mark.parametrize("spec", [MLP, CNN], ids=["mlp", "cnn"])
+def test_every_artifact_of_a_stacked_ensemble_matches_the_plain_one(spec, tmp_path):
+    plain, stacked = _pair(build_members(spec, seed=3))
+    x = _inputs(plain, rows=9)
+    want = plain.predict(x, as_dict=True)
+    for name in ("stacked.onnx", "stacked_savedmodel", "stacked.keras"):
+        path = stacked.save(tmp_path / name)
+        model = runtime.load(path)
+        got = model.predict(x)
+        for output in want:
+            np.testing.assert_allclose(got[output], want[output], rtol=TOLERANCE, atol=TOLERANCE)
+        fusion = model.manifest["fusion"]
+        assert fusion["mode"] == "stack"
+        (group,) = fusion["groups"]
+        assert group["members"] == ["m0", "m1", "m2"]
+        assert all({"layer", "type", "lowering", "why"} <= set(layer) for layer in group["layers"])
+        assert len(group["layers"]) == len(dict(build_members(spec)[:1])["m0"].layers) - 1
+
+
+def test_grouped_convolutions_reach_onnx_as_one_grouped_conv(tmp_path):
+    import onnx
+
+    _, stacked = _pair(build_members({**CNN, "conv": [0, 0]}, seed=1))
+    path = stacked.save(tmp_path / "cnn.onnx")
+    convs = [node for node in onnx.load(str(path)).graph.node if node.op_type == "Conv"]
+    groups = [
+        next((attribute.i for attribute in node.attribute if attribute.name == "group"), 1)
+        for node in convs
+    ]
+    # The first convolution reads the shared input (one conv, concatenated filters);
+    # the next two convolutions and both Dense layers are grouped over the members.
+    assert groups == [1, 3, 3, 3, 3]
+
+
+def test_savedmodel_of_stacked_convolutions_needs_no_xla(tmp_path):
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    _, stacked = _pair(build_members(CNN, seed=2))
+    path = stacked.save(tmp_path / "cnn_savedmodel")
+    proto = saved_model_pb2.SavedModel()
+    proto.ParseFromString((path / "saved_model.pb").read_bytes())
+    library = proto.meta_graphs[0].graph_def.library.function
+    assert library
+    for function in library:
+        assert not function.attr["_XlaMustCompile"].b, function.signature.name
+        assert not any(node.op.startswith("Xla") for node in function.node_def)
+
+
+def test_modes_choose_what_is_stacked():
+    import fuser
+
+    members = build_members(MLP, seed=4)
+    assert [m.name for m in fuser.build(members).fusion.groups[0].members] == ["m0", "m1", "m2"]
+    off = fuser.build(members, fusion="off")
+    assert off.fusion.groups == [] and set(off.fusion.plain) == {"m0", "m1", "m2"}
+    cnn = build_members(CNN, seed=4)
+    auto = fuser.build(cnn, fusion="auto")
+    assert auto.fusion.groups == []
+    assert "Conv2D layers plain" in auto.fusion.plain["m0"]
+    assert len(fuser.build(cnn, fusion="stack").fusion.groups) == 1
+    with pytest.raises(FuseError, match="fusion must be one of auto, off, stack, got 'fast'"):
+        fuser.build(members, fusion="fast")
+
+
+def test_mixed_ensemble_keeps_member_order_and_weights():
+    """Two architectures interleaved, plus a lone one: outputs stay in member order."""
+
+    mlp = build_members({**MLP, "members": 3}, seed=5)
+    other = build_members({**MLP, "dense": [0], "members": 2}, seed=6)
+    lone = build_members({**MLP, "dense": [], "members": 1}, seed=7)
+    members = [
+        ("a", mlp[0][1]),
+        ("x", other[0][1]),
+        ("b", mlp[1][1]),
+        ("solo", lone[0][1]),
+        ("y", other[1][1]),
+        ("c", mlp[2][1]),
+    ]
+    weights = [1, 2, 3, 4, 5, 6]
+    plain, stacked = _pair(members, head="weighted", weights=weights)
+    assert sorted(len(group.members) for group in stacked.fusion.groups) == [2, 3]
+    assert stacked.fusion.plain == {"solo": "no other member has the same architecture."}
+    x = _inputs(plain, rows=6)
+    want, got = plain.predict(x, as_dict=True), stacked.predict(x, as_dict=True)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=TOLERANCE, atol=TOLERANCE)
+
+
+def test_a_layer_outside_the_set_leaves_its_group_plain_and_says_which():
+    import keras
+
+    import fuser
+
+    def member(seed):
+        keras.utils.set_random_seed(seed)
+        inputs = keras.Input((7,), name="features")
+        x = keras.layers.Dense(8)(inputs)
+        x = keras.layers.PReLU(name="learned_slope")(x)
+        return keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(x))
+
+    ensemble = fuser.build([("p", member(1)), ("q", member(2))], fusion="stack")
+    assert ensemble.fusion.groups == []
+    assert ensemble.fusion.plain["p"] == (
+        "layer 'learned_slope' (PReLU) of member \"p\" (in memory) has no stacked lowering."
+    )
+
+
+def test_savedmodel_members_stay_plain_with_the_reason(members_dir):
+    import fuser
+
+    ensemble = fuser.build([members_dir / "a.keras", members_dir / "c_export"])
+    assert "is a SavedModel; its layers are not visible" in ensemble.fusion.plain["c_export"]
+
+
+def test_cli_fusion_option_and_inspect(tmp_path):
+    members = []
+    for name, model in build_members(MLP, seed=8):
+        path = tmp_path / f"{name}.keras"
+        model.save(path)
+        members.append(str(path))
+    out = tmp_path / "fused.onnx"
+    result = run_cli("build", *members, "-o", str(out), "--fusion", "stack")
+    assert result.returncode == 0, result.stderr
+    assert "Stacked 3 same-architecture members: m0, m1, m2." in result.stderr
+    shown = run_cli("inspect", str(out))
+    assert "stacked    3 members (m0, m1, m2), fusion stack" in shown.stdout
+    assert "grouped 1x1 convolution (groups=3)" in shown.stdout
+    manifest = json.loads(run_cli("inspect", "--json", str(out)).stdout)
+    assert manifest["fusion"]["groups"][0]["members"] == ["m0", "m1", "m2"]
+    bad = run_cli("build", *members, "-o", str(tmp_path / "x.onnx"), "--fusion", "fast")
+    assert bad.returncode == 2
+    assert "invalid choice: 'fast'" in bad.stderr
+    assert not (tmp_path / "x.onnx").exists()

@@ -245,7 +245,7 @@ def plan_fusion(
             for member, _ in bucket:
                 plain[member.name] = (
                     f"--fusion auto keeps groups with {spatial} layers plain: stacked, they "
-                    "answer batch 1 about 2.5x faster but large batches up to 1.8x slower "
+                    "answer batch 1 about 2x faster but large batches up to 1.8x slower "
                     "(ONNX Runtime's grouped convolution); --fusion stack stacks them."
                 )
             continue

@@ -147,10 +147,8 @@ def _convert_to_onnx(ensemble: Ensemble, opset: int, tf: Any, tf2onnx: Any) -> t
         convert_variables_to_constants_v2,
     )
 
-    from runtime._keras import native_grouped_convolutions
-
-    with native_grouped_convolutions():
-        concrete = ensemble.serving_function(jit_compile=False).get_concrete_function()
+    # Traced by serving_function, grouped convolutions as TensorFlow's own op.
+    concrete = ensemble.serving_function(jit_compile=False).get_concrete_function()
     # Freezing turns captured variables and constants (a Normalization layer's mean, say)
     # into graph constants; unfrozen, tf2onnx would make them extra graph inputs.
     frozen = convert_variables_to_constants_v2(concrete)

@@ -142,8 +142,6 @@ class Step:
 
     layer: Any
     inbound: tuple[tuple[str, int, int], ...]  # ("input", i, 0) or ("step", j, k)
-    kwargs: tuple[tuple[str, Any], ...]
-    outputs: int
 
 
 @dataclass
@@ -296,20 +294,13 @@ def trace(member: Member) -> Graph:
             if any(id(tensor) not in positions for tensor in node.arguments.keras_tensors):
                 raise Unsupported(f"{where} reads a tensor from outside the model.")
             inbound = tuple(positions[id(tensor)] for tensor in node.arguments.keras_tensors)
-            kwargs = tuple(
-                sorted(
-                    (key, repr(value))
-                    for key, value in node.arguments.kwargs.items()
-                    if key not in ("training", "mask")
-                )
-            )
-            if kwargs:
-                raise Unsupported(f"{where} is called with arguments {dict(kwargs)}.")
+            extra = sorted(set(node.arguments.kwargs) - {"training", "mask"})
+            if extra:
+                raise Unsupported(f"{where} is called with arguments {', '.join(extra)}.")
             _check_layer(layer, where)
-            outputs = node.outputs
-            for index, tensor in enumerate(outputs):
+            for index, tensor in enumerate(node.outputs):
                 positions[id(tensor)] = ("step", len(steps), index)
-            steps.append(Step(layer, inbound, kwargs, len(outputs)))
+            steps.append(Step(layer, inbound))
             signature.append((kind, _architecture(layer), _weight_shapes(layer), inbound))
     graph_outputs = []
     for tensor in functional.outputs:
@@ -341,7 +332,7 @@ def _check_layer(layer: Any, where: str) -> None:
     }
     if kind in last_axis_only:
         flag = last_axis_only[kind]
-        if _last_axis(config.get("axis"), layer) is None or (flag and config.get(flag)):
+        if not _only_last_axis(config.get("axis"), layer) or (flag and config.get(flag)):
             raise Unsupported(f"{where} acts on axes other than the last one (or uses {flag}).")
     if "activation" in config:
         name = _activation_name(config["activation"])
@@ -353,18 +344,15 @@ def _check_layer(layer: Any, where: str) -> None:
         raise Unsupported(f"{where} has no positive depth multiplier.")
 
 
-def _last_axis(axis: Any, layer: Any) -> int | None:
-    """-1 when ``axis`` names only the last axis of the layer's input, else None."""
-    rank = len(layer.input.shape) if _has_input(layer) else None
+def _only_last_axis(axis: Any, layer: Any) -> bool:
+    """Whether ``axis`` names only the last axis of the layer's input."""
     if isinstance(axis, (list, tuple)):
         if len(axis) != 1:
-            return None
+            return False
         (axis,) = axis
-    if axis is None:
-        return None
-    if axis == -1 or (rank is not None and axis == rank - 1):
-        return -1
-    return None
+    if axis == -1:
+        return True
+    return axis is not None and _has_input(layer) and axis == len(layer.input.shape) - 1
 
 
 def _has_input(layer: Any) -> bool:
@@ -451,10 +439,8 @@ class _Lowering:
         if value.layout == "shared":
             reps = [1] * len(value.shape) + [self.size]
             return Value(self.ops.tile(value.tensor, reps), "wide", value.shape)
-        if value.layout == "line":
-            tensor = self.ops.reshape(value.tensor, (-1, self.size * value.shape[0]))
-            return Value(tensor, "wide", value.shape)
-        return self.from_mid(self.mid(value), value.shape)
+        tensor = self.ops.reshape(value.tensor, (-1, self.size * value.shape[0]))  # line
+        return Value(tensor, "wide", value.shape)
 
     def line(self, value: Value) -> Value:
         """``(1, 1, batch, G * features)``; a rank-N member tensor is flattened on the way."""
@@ -467,9 +453,6 @@ class _Lowering:
         else:
             tensor = self.mid(value)
         return Value(ops.reshape(tensor, (1, 1, -1, size * features)), "line", (features,))
-
-    def output(self, value: Value) -> Any:
-        return self.mid(value)
 
     # helpers ----------------------------------------------------------------------------
 
@@ -490,11 +473,9 @@ class _Lowering:
         if kind == "linear":
             return value
         layer = self.keras.layers.Activation(activation, name=name)
-        return (
-            self.apply_last_axis(value, layer)
-            if kind in LAST_AXIS_ACTIVATIONS
-            else (Value(layer(value.tensor), value.layout, value.shape))
-        )
+        if kind in LAST_AXIS_ACTIVATIONS:
+            return self.apply_last_axis(value, layer)
+        return Value(layer(value.tensor), value.layout, value.shape)
 
     def apply_last_axis(self, value: Value, layer: Any) -> Value:
         """A layer acting on each member's last axis (softmax): never mix members' channels."""
@@ -517,12 +498,10 @@ class _Lowering:
         for index, step in enumerate(graphs[0].steps):
             layers = [graph.steps[index].layer for graph in graphs]
             arguments = [values[position] for position in step.inbound]
-            results = self.lower(layers, arguments)
-            for slot, result in enumerate(results):
-                values[("step", index, slot)] = result
-        return [self.output(values[position]) for position in graphs[0].outputs]
+            values[("step", index, 0)] = self.lower(layers, arguments)
+        return [self.mid(values[position]) for position in graphs[0].outputs]
 
-    def lower(self, layers: list[Any], arguments: list[Value]) -> list[Value]:
+    def lower(self, layers: list[Any], arguments: list[Value]) -> Value:
         first = layers[0]
         kind = type(first).__name__
         method = getattr(self, f"lower_{kind}", None)
@@ -537,8 +516,7 @@ class _Lowering:
                 method = candidate
         if method is None:
             raise Unsupported(f"layer {first.name!r} ({kind}) has no stacked lowering.")
-        result = method(layers, arguments)
-        return result if isinstance(result, list) else [result]
+        return method(layers, arguments)
 
     def clone(self, layer: Any, suffix: str = "") -> Any:
         config = layer.get_config()
@@ -693,15 +671,8 @@ class _Lowering:
 
     @staticmethod
     def _batchnorm_params(layer: Any) -> list[np.ndarray]:
-        channels = int(layer.moving_mean.shape[0])
-        gamma = np.asarray(layer.gamma) if layer.gamma is not None else np.ones(channels)
-        beta = np.asarray(layer.beta) if layer.beta is not None else np.zeros(channels)
-        return [
-            gamma.astype(np.float32),
-            beta.astype(np.float32),
-            np.asarray(layer.moving_mean),
-            np.asarray(layer.moving_variance),
-        ]
+        scale, offset = _scale_offset(layer, int(layer.moving_mean.shape[0]))
+        return [scale, offset, np.asarray(layer.moving_mean), np.asarray(layer.moving_variance)]
 
     def lower_LayerNormalization(self, layers, arguments):
         (value,) = arguments
@@ -715,14 +686,7 @@ class _Lowering:
             normalized = Value(norm(value.tensor), "shared", value.shape)
         else:
             normalized = self.from_mid(norm(self.mid(value)), value.shape)
-        gammas = [
-            np.asarray(layer.gamma) if layer.gamma is not None else np.ones(channels)
-            for layer in layers
-        ]
-        betas = [
-            np.asarray(layer.beta) if layer.beta is not None else np.zeros(channels)
-            for layer in layers
-        ]
+        scales, offsets = zip(*(_scale_offset(layer, channels) for layer in layers))
         normalized = self.wide(normalized)
         affine = self.keras.layers.BatchNormalization(
             axis=-1, epsilon=0.0, name=self.name(first, "_affine")
@@ -730,8 +694,8 @@ class _Lowering:
         tensor = affine(normalized.tensor)
         affine.set_weights(
             [
-                np.concatenate(gammas).astype(np.float32),
-                np.concatenate(betas).astype(np.float32),
+                np.concatenate(scales),
+                np.concatenate(offsets),
                 np.zeros(channels * self.size, np.float32),
                 np.ones(channels * self.size, np.float32),
             ]
@@ -786,7 +750,7 @@ class _Lowering:
             kernel = np.concatenate([w[0] for w in weights], axis=2)
             lowering = "one depthwise convolution over members side by side"
             why = "acts on each channel"
-        elif shared:
+        elif shared and config.get("groups", 1) == 1:
             kernel = np.concatenate([w[0] for w in weights], axis=-1)
             config["filters"] = config["filters"] * self.size
             lowering = "one convolution over the concatenated filters"
@@ -817,6 +781,13 @@ class _Lowering:
 
     def lower_DepthwiseConv2D(self, layers, arguments):
         return self._conv(layers, arguments, depthwise=True)
+
+
+def _scale_offset(layer: Any, channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """A normalization layer's gamma and beta, ones and zeros where it has none."""
+    gamma = np.ones(channels) if layer.gamma is None else np.asarray(layer.gamma)
+    beta = np.zeros(channels) if layer.beta is None else np.asarray(layer.beta)
+    return gamma.astype(np.float32), beta.astype(np.float32)
 
 
 def lower(group: Group, inputs: Sequence[Any], prefix: str) -> list[Any]:

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from runtime import manifest as manifest_lib
+from runtime._keras import native_grouped_convolutions
 from runtime.errors import ArtifactError
 
 
@@ -148,8 +149,6 @@ class KerasBackend:
         import keras
         import tensorflow as tf
 
-        from runtime._keras import native_grouped_convolutions
-
         try:
             self.model = keras.models.load_model(path, compile=False, safe_mode=True)
         except Exception as error:
@@ -158,11 +157,10 @@ class KerasBackend:
             ) from None
         model = self.model
         self._function = tf.function(lambda feeds: model(feeds, training=False))
-        self._native = native_grouped_convolutions
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         # Traced per input shape; stacked grouped convolutions as TensorFlow's own op.
-        with self._native():
+        with native_grouped_convolutions():
             outputs = self._function(feeds)
         return {name: tensor.numpy() for name, tensor in outputs.items()}
 

@@ -79,19 +79,30 @@ def build_artifacts(family: str, paths: list[Path], directory: Path) -> dict[str
     return artifacts
 
 
-def run(out: Path, *, quick: bool, workdir: Path) -> dict[str, Any]:
+def run(
+    out: Path,
+    *,
+    quick: bool,
+    workdir: Path,
+    cases: dict[str, int] = CASES,
+    batches: dict[str, tuple[int, ...]] = BATCHES,
+    budget: Budget | None = None,
+) -> dict[str, Any]:
     import fuser
     import runtime
 
     fuser.import_tensorflow()
-    budget = QUICK if quick else FULL
+    budget = budget or (QUICK if quick else FULL)
     results: dict[str, Any] = {"machine": describe_machine(), "quick": quick, "families": {}}
-    for family, count in CASES.items():
+    for family, count in cases.items():
         if quick:
             count = min(count, 4)
         paths = write_members(family, count, workdir / family)
         artifacts = build_artifacts(family, paths, workdir)
         models = {label: runtime.load(entry["path"]) for label, entry in artifacts.items()}
+        # One intra-op thread, as deployed one process per core: small batches gain most.
+        for label in ("one_member", "stacked"):
+            models[f"{label}_1t"] = runtime.load(artifacts[label]["path"], threads=1)
         check = random_inputs(FAMILIES[family], 64, seed=1)
         difference = float(
             np.abs(models["stacked"].predict(check) - models["plain"].predict(check)).max()
@@ -99,7 +110,7 @@ def run(out: Path, *, quick: bool, workdir: Path) -> dict[str, Any]:
         if difference > 1e-5:
             raise SystemExit(f"{family}: stacked and plain differ by {difference:.3g} (> 1e-5)")
         rows = []
-        for batch in BATCHES[family]:
+        for batch in batches[family]:
             x = random_inputs(FAMILIES[family], batch, seed=2)
             row: dict[str, Any] = {"batch": batch}
             for label, model in models.items():
@@ -110,12 +121,17 @@ def run(out: Path, *, quick: bool, workdir: Path) -> dict[str, Any]:
             row["auto_over_plain"] = round(row["auto_ms"] / row["plain_ms"], 3)
             row["stacked_over_one_member"] = round(row["stacked_ms"] / row["one_member_ms"], 3)
             row["plain_over_one_member"] = round(row["plain_ms"] / row["one_member_ms"], 3)
+            row["stacked_over_one_member_1t"] = round(
+                row["stacked_1t_ms"] / row["one_member_1t_ms"], 3
+            )
             rows.append(row)
             print(
                 f"{family} N={count} batch {batch}: one member {row['one_member_ms']:.4f} ms, "
                 f"plain {row['plain_ms']:.4f} ms, stacked {row['stacked_ms']:.4f} ms "
                 f"(x{row['stacked_over_plain']} of plain, x{row['stacked_over_one_member']} of "
-                f"one member), auto x{row['auto_over_plain']} of plain",
+                f"one member), auto x{row['auto_over_plain']} of plain; one thread: one member "
+                f"{row['one_member_1t_ms']:.4f} ms, stacked {row['stacked_1t_ms']:.4f} ms "
+                f"(x{row['stacked_over_one_member_1t']})",
                 flush=True,
             )
         results["families"][family] = {
@@ -139,7 +155,10 @@ def report(results: dict[str, Any]) -> str:
         "",
         "`python -m benchmarks.fusion` — every artifact through `runtime.load(...).predict` "
         "(ONNX Runtime, default session options). Median latency in ms of repeated calls after "
-        "a warm-up. *stacked* is `--fusion stack`, *plain* `--fusion off`, *auto* the default.",
+        "a warm-up. *stacked* is `--fusion stack`, *plain* `--fusion off`, *auto* the default. "
+        "The last three columns load the one-member and stacked artifacts with "
+        "`runtime.load(path, threads=1)` (one ONNX Runtime intra-op thread, as one deploys "
+        "one process per core).",
         "",
         "Machine: {cpu_model}, {cores_logical} logical cores, {memory_gb} GB, Python {python}, "
         "load average at start {load_average_at_start}.".format(**results["machine"]),
@@ -156,14 +175,17 @@ def report(results: dict[str, Any]) -> str:
             + ".",
             "",
             "| batch | one member | plain | stacked | auto | stacked / plain | "
-            "stacked / one member | plain / one member |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "stacked / one member | plain / one member | one member, 1 thread | "
+            "stacked, 1 thread | stacked / one member, 1 thread |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for row in data["rows"]:
             lines.append(
                 f"| {row['batch']} | {row['one_member_ms']:.4f} | {row['plain_ms']:.4f} | "
                 f"{row['stacked_ms']:.4f} | {row['auto_ms']:.4f} | {row['stacked_over_plain']:.2f} | "
-                f"{row['stacked_over_one_member']:.2f} | {row['plain_over_one_member']:.2f} |"
+                f"{row['stacked_over_one_member']:.2f} | {row['plain_over_one_member']:.2f} | "
+                f"{row['one_member_1t_ms']:.4f} | {row['stacked_1t_ms']:.4f} | "
+                f"{row['stacked_over_one_member_1t']:.2f} |"
             )
         lines += ["", "Lowering per layer (stacked):", ""]
         for layer in data["stacked_layers"]:

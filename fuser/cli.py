@@ -170,6 +170,9 @@ def _parser() -> argparse.ArgumentParser:
         "--output", required=True, type=Path, help=".npy (one output) or .npz (all outputs)"
     )
     predict.add_argument("--batch-size", type=int, help="rows per forward pass")
+    predict.add_argument(
+        "--threads", type=int, help="ONNX Runtime intra-op threads (default: one per core)"
+    )
     predict.set_defaults(handler=_predict)
     return parser
 
@@ -399,7 +402,7 @@ def _predict(arguments: argparse.Namespace) -> int:
 
     import runtime
 
-    model = runtime.load(arguments.artifact)
+    model = runtime.load(arguments.artifact, threads=arguments.threads)
     batch = _read_batch(arguments.input, [spec.name for spec in model.inputs])
     result = model.predict(batch, batch_size=arguments.batch_size)
     outputs = result if isinstance(result, dict) else {model.outputs[0].name: result}

@@ -25,13 +25,26 @@ from runtime.manifest import ManifestError, TensorSpec
 __all__ = ["ArtifactError", "FusedModel", "ManifestError", "TensorSpec", "load"]
 
 
-def load(path: str | os.PathLike) -> FusedModel:
+def load(path: str | os.PathLike, *, threads: int | None = None) -> FusedModel:
     """Load a fused artifact: an ``.onnx`` file, a ``.keras`` file or a SavedModel directory.
+
+    Args:
+        path: the artifact.
+        threads: ONNX Runtime's intra-op threads for this model (default: one per core).
+            ``threads=1`` answers small batches fastest and suits one process per core;
+            large batches want every core. ONNX artifacts only: TensorFlow's thread pools
+            are process-wide (``tf.config.threading``).
 
     Raises:
         ArtifactError: the path is missing, damaged, or carries no valid fuser manifest.
+        ValueError: ``threads`` is not a positive integer, or is given for an artifact
+            served by TensorFlow.
     """
-    backend = open_backend(path)
+    if threads is not None and (
+        isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
+    ):
+        raise ValueError(f"threads must be a positive integer or None, got {threads!r}.")
+    backend = open_backend(path, threads=threads)
     return FusedModel(backend, source=str(path))
 
 

@@ -50,24 +50,42 @@ def artifact_format(path: str | os.PathLike) -> str:
     )
 
 
-def open_backend(path: str | os.PathLike, *, read_manifest: bool = True) -> Backend:
-    """Open ``path`` with the backend its form calls for."""
+def open_backend(
+    path: str | os.PathLike, *, read_manifest: bool = True, threads: int | None = None
+) -> Backend:
+    """Open ``path`` with the backend its form calls for.
+
+    ``threads`` sets ONNX Runtime's intra-op threads; TensorFlow's pools are process-wide,
+    so it is refused for the other two kinds rather than silently ignored.
+    """
     kind = artifact_format(path)
-    opener = {"onnx": OnnxBackend, "savedmodel": SavedModelBackend, "keras": KerasBackend}[kind]
+    if kind == "onnx":
+        return OnnxBackend(Path(path), read_manifest=read_manifest, threads=threads)
+    if threads is not None:
+        raise ValueError(
+            f"threads applies to ONNX artifacts; {path} is a {kind} artifact served by "
+            "TensorFlow, whose threads are set process-wide with tf.config.threading."
+        )
+    opener = {"savedmodel": SavedModelBackend, "keras": KerasBackend}[kind]
     return opener(Path(path), read_manifest=read_manifest)
 
 
 class OnnxBackend:
     """ONNX Runtime on the CPU. ``InferenceSession.run`` is safe to call from many threads."""
 
-    def __init__(self, path: Path, *, read_manifest: bool = True) -> None:
+    def __init__(
+        self, path: Path, *, read_manifest: bool = True, threads: int | None = None
+    ) -> None:
         import onnxruntime
 
         self.path = path
+        options = onnxruntime.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = threads
         try:
             # onnxruntime resolves external data relative to the model file, so load by path.
             self.session = onnxruntime.InferenceSession(
-                str(path), providers=["CPUExecutionProvider"]
+                str(path), options, providers=["CPUExecutionProvider"]
             )
         except Exception as error:  # onnxruntime raises its own untyped errors
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""

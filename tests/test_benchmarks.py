@@ -17,7 +17,7 @@ import pytest
 # benchmarks/ is not an installed package; it runs from the repository root.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import plots, report, suite
+from benchmarks import fusion, plots, report, suite
 from benchmarks.__main__ import main
 from benchmarks.approaches import APPROACHES
 from benchmarks.measure import Budget
@@ -165,3 +165,33 @@ def test_inputs_are_the_same_for_every_call():
     first = random_inputs(FAMILIES["cnn"], 4, seed=3)
     assert first.shape == (4, 32, 32, 3) and first.dtype == np.float32
     np.testing.assert_array_equal(first, random_inputs(FAMILIES["cnn"], 4, seed=3))
+
+
+@pytest.mark.slow
+def test_fusion_benchmark_compares_stacked_plain_auto_and_one_member(tmp_path):
+    results = fusion.run(
+        tmp_path / "out",
+        quick=True,
+        workdir=tmp_path / "work",
+        cases={"mlp": 3, "cnn": 2},
+        batches={"mlp": (1, 8), "cnn": (1,)},
+        budget=TINY_BUDGET,
+    )
+
+    mlp, cnn = results["families"]["mlp"], results["families"]["cnn"]
+    assert mlp["auto_stacked_groups"] == [3] and cnn["auto_stacked_groups"] == []
+    assert any("Conv2D" in reason for reason in cnn["auto_reasons"])
+    for family in (mlp, cnn):
+        assert family["max_abs_difference_stacked_vs_plain"] <= 1e-5
+        for row in family["rows"]:
+            for label in ("one_member", "plain", "stacked", "auto", "one_member_1t", "stacked_1t"):
+                assert row[f"{label}_ms"] > 0 and row[f"{label}_calls"] >= 2
+            assert row["stacked_over_plain"] == pytest.approx(
+                row["stacked_ms"] / row["plain_ms"], rel=1e-2
+            )
+    assert [row["batch"] for row in mlp["rows"]] == [1, 8]
+    written = json.loads((tmp_path / "out" / "fusion.json").read_text())
+    assert written["families"]["mlp"]["rows"] == mlp["rows"]
+    markdown = (tmp_path / "out" / "FUSION.md").read_text()
+    assert "## mlp, 3 members" in markdown and "## cnn, 2 members" in markdown
+    assert "stacked / one member, 1 thread" in markdown

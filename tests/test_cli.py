@@ -84,6 +84,8 @@ def test_build_inspect_predict_end_to_end(members_dir, tmp_path, features, capsy
                 str(tmp_path / "x.npy"),
                 "--output",
                 str(tmp_path / "y.npy"),
+                "--threads",
+                "1",
             ]
         )
         == 0

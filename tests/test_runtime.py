@@ -111,6 +111,19 @@ def test_batch_size_splits_without_changing_the_answer(model):
     np.testing.assert_allclose(model.predict(batch, batch_size=1), whole, atol=1e-6)
 
 
+def test_threads_sets_the_session_and_keeps_the_answer(onnx_path, model):
+    single = runtime.load(onnx_path, threads=1)
+    assert single._backend.session.get_session_options().intra_op_num_threads == 1
+    batch = np.random.default_rng(1).normal(size=(300, N_FEATURES)).astype(np.float32)
+    np.testing.assert_array_equal(single.predict(batch), model.predict(batch))
+
+
+@pytest.mark.parametrize("threads", [0, -2, 1.0, True, "2"])
+def test_bad_threads_are_refused(onnx_path, threads):
+    with pytest.raises(ValueError, match=r"threads must be a positive integer or None"):
+        runtime.load(onnx_path, threads=threads)
+
+
 BAD_INPUTS = [
     pytest.param(
         np.zeros((2, 7), np.float32),
@@ -203,6 +216,8 @@ def test_savedmodel_and_keras_artifacts_load_lazily_with_tensorflow(
         loaded = runtime.load(ensemble.save(tmp_path / name))
         np.testing.assert_allclose(loaded.predict(features), ensemble.predict(features), atol=1e-5)
         assert loaded.predict(features[:0]).shape == (0, N_CLASSES)
+        with pytest.raises(ValueError, match=r"threads applies to ONNX artifacts; .* served by"):
+            runtime.load(tmp_path / name, threads=1)
 
 
 def test_missing_and_foreign_artifacts_are_refused_naming_the_file(tmp_path, onnx_path):

@@ -2,8 +2,9 @@
 
 Every write goes the same way: write to a hidden temporary beside the destination,
 open it with the runtime's own backend and compare it with the members on the probe
-batch, embed the manifest (with that verification), then move it into place with one
-rename. A killed build leaves at most a hidden ``.fuser-tmp-*`` entry, which the next
+batch, seal the manifest (that verification plus SHA-256 digests of everything else in
+the artifact, ``runtime.integrity``), embed it, check the seal as the runtime will, then
+move it into place with one rename. A killed build leaves at most a hidden ``.fuser-tmp-*`` entry, which the next
 build in that directory removes.
 """
 
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fuser.errors import FuseError
+from runtime import integrity
 from runtime import manifest as manifest_lib
 from runtime.backends import open_backend
 
@@ -109,7 +111,9 @@ def write(ensemble: Ensemble, path: Path, *, force: bool = False, opset: int | N
                 "tolerance": ensemble.tolerance,
                 "max_abs_error": error,
             }
+            integrity.seal(manifest, integrity.content_of(kind, temporary))
             _EMBEDDERS[kind](temporary, manifest_lib.dumps(manifest))
+            _check_seal(kind, temporary, path)
             _sync(temporary)
             _place(temporary, path)
     finally:
@@ -217,6 +221,17 @@ def _embed_keras(path: Path, text: str) -> None:
 
 _WRITERS = {"onnx": _write_onnx, "savedmodel": _write_savedmodel, "keras": _write_keras}
 _EMBEDDERS = {"onnx": _embed_onnx, "savedmodel": _embed_savedmodel, "keras": _embed_keras}
+
+
+def _check_seal(kind: str, temporary: Path, path: Path) -> None:
+    """Read the sealed artifact back as the runtime will, so a seal that cannot hold never lands."""
+    try:
+        integrity.check_artifact(kind, temporary)
+    except integrity.IntegrityError as error:
+        raise FuseError(
+            f"The {kind} artifact {path} did not pass its own integrity check after sealing "
+            f"({error}); this is a bug in fuser, please report it."
+        ) from None
 
 
 def _sync(path: Path) -> None:

@@ -20,23 +20,36 @@ from runtime import manifest as manifest_lib
 from runtime.backends import open_backend
 from runtime.errors import ArtifactError
 from runtime.inputs import prepare_feeds
+from runtime.integrity import IntegrityError
 from runtime.manifest import ManifestError, TensorSpec
 
-__all__ = ["ArtifactError", "FusedModel", "ManifestError", "TensorSpec", "load"]
+__all__ = [
+    "ArtifactError",
+    "FusedModel",
+    "IntegrityError",
+    "ManifestError",
+    "TensorSpec",
+    "load",
+]
 
 
-def load(path: str | os.PathLike, *, threads: int | None = None) -> FusedModel:
+def load(path: str | os.PathLike, *, verify: bool = True, threads: int | None = None) -> FusedModel:
     """Load a fused artifact: an ``.onnx`` file, a ``.keras`` file or a SavedModel directory.
 
     Args:
         path: the artifact.
+        verify: check the artifact against the SHA-256 digests sealed into its manifest
+            before anything parses the model: a damaged or modified artifact is refused.
+            ``verify=False`` skips the check (one SHA-256 pass over the artifact) for
+            callers who must shave load time and trust their storage.
         threads: ONNX Runtime's intra-op threads for this model (default: one per core).
             ``threads=1`` answers small batches fastest and suits one process per core;
             large batches want every core. ONNX artifacts only: TensorFlow's thread pools
             are process-wide (``tf.config.threading``).
 
     Raises:
-        ArtifactError: the path is missing, damaged, or carries no valid fuser manifest.
+        ArtifactError: the path is missing, damaged, or carries no valid fuser manifest;
+            ``IntegrityError`` (a subclass) when it does not match its digests.
         ValueError: ``threads`` is not a positive integer, or is given for an artifact
             served by TensorFlow.
     """
@@ -44,7 +57,7 @@ def load(path: str | os.PathLike, *, threads: int | None = None) -> FusedModel:
         isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
     ):
         raise ValueError(f"threads must be a positive integer or None, got {threads!r}.")
-    backend = open_backend(path, threads=threads)
+    backend = open_backend(path, verify=verify, threads=threads)
     return FusedModel(backend, source=str(path))
 
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import os
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
+from runtime import integrity
 from runtime import manifest as manifest_lib
 from runtime._keras import native_grouped_convolutions
 from runtime.errors import ArtifactError
@@ -51,58 +53,75 @@ def artifact_format(path: str | os.PathLike) -> str:
 
 
 def open_backend(
-    path: str | os.PathLike, *, read_manifest: bool = True, threads: int | None = None
+    path: str | os.PathLike,
+    *,
+    read_manifest: bool = True,
+    verify: bool = True,
+    threads: int | None = None,
 ) -> Backend:
     """Open ``path`` with the backend its form calls for.
 
-    ``threads`` sets ONNX Runtime's intra-op threads; TensorFlow's pools are process-wide,
-    so it is refused for the other two kinds rather than silently ignored.
+    Args:
+        path: the artifact.
+        read_manifest: read and check the embedded manifest (the compiler opens its own
+            unfinished artifacts without one).
+        verify: check the artifact against the SHA-256 digests its manifest records,
+            before the model itself is parsed (only with ``read_manifest``).
+        threads: ONNX Runtime's intra-op threads. TensorFlow's pools are process-wide,
+            so it is refused for the other two kinds rather than silently ignored.
     """
     kind = artifact_format(path)
+    verify = verify and read_manifest
     if kind == "onnx":
-        return OnnxBackend(Path(path), read_manifest=read_manifest, threads=threads)
+        return OnnxBackend(Path(path), read_manifest=read_manifest, verify=verify, threads=threads)
     if threads is not None:
         raise ValueError(
             f"threads applies to ONNX artifacts; {path} is a {kind} artifact served by "
             "TensorFlow, whose threads are set process-wide with tf.config.threading."
         )
     opener = {"savedmodel": SavedModelBackend, "keras": KerasBackend}[kind]
-    return opener(Path(path), read_manifest=read_manifest)
+    return opener(Path(path), read_manifest=read_manifest, verify=verify)
 
 
 class OnnxBackend:
     """ONNX Runtime on the CPU. ``InferenceSession.run`` is safe to call from many threads."""
 
     def __init__(
-        self, path: Path, *, read_manifest: bool = True, threads: int | None = None
+        self,
+        path: Path,
+        *,
+        read_manifest: bool = True,
+        verify: bool = True,
+        threads: int | None = None,
     ) -> None:
         import onnxruntime
 
         self.path = path
+        # Read once: the bytes that are checked are the bytes ONNX Runtime parses.
+        data = path.read_bytes()
+        text, pieces = integrity.split_onnx(data)
+        self.manifest = None
+        if read_manifest and text is not None:
+            self.manifest = manifest_lib.loads(text, str(path))
+            if verify:
+                integrity.check(self.manifest, integrity.onnx_content(pieces), str(path))
         options = onnxruntime.SessionOptions()
         if threads is not None:
             options.intra_op_num_threads = threads
         try:
-            # onnxruntime resolves external data relative to the model file, so load by path.
             self.session = onnxruntime.InferenceSession(
-                str(path), options, providers=["CPUExecutionProvider"]
+                data, options, providers=["CPUExecutionProvider"]
             )
         except Exception as error:  # onnxruntime raises its own untyped errors
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
             raise ArtifactError(
-                f"Artifact {path} could not be opened by ONNX Runtime: {first_line}"
+                f"Artifact {path} could not be opened by ONNX Runtime: {_first_line(error)}"
             ) from None
         self.output_names = [output.name for output in self.session.get_outputs()]
-        self.manifest = None
-        if read_manifest:
-            metadata = self.session.get_modelmeta().custom_metadata_map
-            text = metadata.get(manifest_lib.ONNX_METADATA_KEY)
-            if text is None:
-                raise ArtifactError(
-                    f"Artifact {path} is an ONNX model without a fuser manifest "
-                    f"(metadata '{manifest_lib.ONNX_METADATA_KEY}'); build it with fuser."
-                )
-            self.manifest = manifest_lib.loads(text, str(path))
+        if read_manifest and self.manifest is None:
+            raise ArtifactError(
+                f"Artifact {path} is an ONNX model without a fuser manifest "
+                f"(metadata '{manifest_lib.ONNX_METADATA_KEY}'); build it with fuser."
+            )
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         values = self.session.run(self.output_names, feeds)
@@ -112,10 +131,22 @@ class OnnxBackend:
 class SavedModelBackend:
     """A SavedModel's ``serving_default`` signature, through TensorFlow (imported here only)."""
 
-    def __init__(self, path: Path, *, read_manifest: bool = True) -> None:
+    def __init__(self, path: Path, *, read_manifest: bool = True, verify: bool = True) -> None:
+        self.path = path
+        self.manifest = None
+        if read_manifest:
+            asset = path / manifest_lib.SAVEDMODEL_ASSET
+            if not asset.is_file():
+                raise ArtifactError(
+                    f"Artifact {path} is a SavedModel without a fuser manifest "
+                    f"({manifest_lib.SAVEDMODEL_ASSET}); build it with fuser."
+                )
+            self.manifest = manifest_lib.loads(asset.read_bytes(), str(asset))
+            if verify:
+                integrity.check(self.manifest, integrity.savedmodel_content(path), str(path))
+
         import tensorflow as tf
 
-        self.path = path
         self._tf = tf
         try:
             loaded = tf.saved_model.load(str(path))
@@ -127,15 +158,6 @@ class SavedModelBackend:
             raise ArtifactError(f"Artifact {path} has no 'serving_default' signature.")
         self._loaded = loaded  # keeps the variables the signature refers to alive
         self.signature = loaded.signatures["serving_default"]
-        self.manifest = None
-        if read_manifest:
-            asset = path / manifest_lib.SAVEDMODEL_ASSET
-            if not asset.is_file():
-                raise ArtifactError(
-                    f"Artifact {path} is a SavedModel without a fuser manifest "
-                    f"({manifest_lib.SAVEDMODEL_ASSET}); build it with fuser."
-                )
-            self.manifest = manifest_lib.loads(asset.read_bytes(), str(asset))
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         tf = self._tf
@@ -146,7 +168,7 @@ class SavedModelBackend:
 class KerasBackend:
     """A ``.keras`` file loaded with Keras in safe mode, called inside one ``tf.function``."""
 
-    def __init__(self, path: Path, *, read_manifest: bool = True) -> None:
+    def __init__(self, path: Path, *, read_manifest: bool = True, verify: bool = True) -> None:
         self.path = path
         self.manifest = None
         try:
@@ -161,8 +183,13 @@ class KerasBackend:
                     self.manifest = manifest_lib.loads(
                         archive.read(manifest_lib.KERAS_ZIP_ENTRY), str(path)
                     )
-        except zipfile.BadZipFile:
-            raise ArtifactError(f"Artifact {path} is not a valid .keras (zip) file.") from None
+                    if verify:
+                        content = integrity.keras_content(archive)
+                        integrity.check(self.manifest, content, str(path))
+        except (zipfile.BadZipFile, zlib.error, EOFError) as error:
+            raise ArtifactError(
+                f"Artifact {path} is not a valid .keras (zip) file: {_first_line(error)}"
+            ) from None
 
         import keras
         import tensorflow as tf

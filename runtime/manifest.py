@@ -18,7 +18,7 @@ from typing import Any
 from runtime.errors import ArtifactError
 
 FORMAT = "fuser.manifest"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: sealed with an integrity record (runtime.integrity)
 ONNX_METADATA_KEY = "fuser.manifest"
 SAVEDMODEL_ASSET = "assets/fuser.json"
 KERAS_ZIP_ENTRY = "fuser.json"

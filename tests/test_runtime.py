@@ -264,7 +264,7 @@ BAD_MANIFESTS = [
     (lambda m: {**m, "format": "other"}, r"has format 'other', expected 'fuser.manifest'"),
     (
         lambda m: {**m, "format_version": 99},
-        r"format version 99; this runtime reads versions up to 1",
+        r"format version 99; this runtime reads versions up to 2",
     ),
     (lambda m: {**m, "inputs": []}, r"needs a non-empty list 'inputs'"),
     (

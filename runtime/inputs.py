@@ -19,17 +19,20 @@ def prepare_feeds(inputs: Sequence[TensorSpec], x: Any) -> dict[str, np.ndarray]
 
     Raises:
         ValueError: wrong inputs, rank, shape, or differing batch sizes.
-        TypeError: non-numeric values, or floats where the model expects integers.
+        TypeError: non-numeric values, floats where the model expects integers, or
+            integers outside the range of the model's integer dtype.
     """
     names = [spec.name for spec in inputs]
     if len(inputs) == 1:
         if isinstance(x, Mapping):
             if list(x) != names:
-                raise ValueError(f"Expected the one input {names}, received keys {sorted(x)}.")
+                raise ValueError(
+                    f"Expected the one input {names}, received keys {_sorted_keys(x)}."
+                )
             x = x[names[0]]
         values = [x]
     elif isinstance(x, Mapping):
-        unknown = sorted(set(x) - set(names))
+        unknown = _sorted_keys(set(x) - set(names))
         missing = [name for name in names if name not in x]
         if unknown or missing:
             raise ValueError(f"Expected inputs {names}; missing {missing}, unknown {unknown}.")
@@ -74,4 +77,26 @@ def _conform(spec: TensorSpec, value: Any) -> np.ndarray:
             f"Input '{spec.name}' expects shape {format_shape(spec.shape)}, "
             f"received {format_shape(array.shape)}."
         )
+    if (
+        expected.kind in "iu"
+        and array.dtype.kind in "iu"
+        and array.size
+        and not np.can_cast(array.dtype, expected)
+    ):
+        # A plain cast would wrap out-of-range integers around without a word.
+        low, high, bounds = int(array.min()), int(array.max()), np.iinfo(expected)
+        if low < bounds.min or high > bounds.max:
+            raise TypeError(
+                f"Input '{spec.name}' expects {expected} values in [{bounds.min}, "
+                f"{bounds.max}], received {array.dtype} values from {low} to {high}; "
+                "clip or rescale them first, since casting would wrap them around."
+            )
     return np.ascontiguousarray(array, dtype=expected)
+
+
+def _sorted_keys(keys: Any) -> list:
+    """Keys in a stable order for a message, even when a mapping mixes key types."""
+    try:
+        return sorted(keys)
+    except TypeError:  # e.g. str and int keys together
+        return sorted(keys, key=repr)

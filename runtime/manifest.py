@@ -84,7 +84,7 @@ def loads(text: str | bytes, source: str) -> dict[str, Any]:
     """
     try:
         data = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as error:
+    except (ValueError, UnicodeDecodeError, RecursionError) as error:
         raise ManifestError(f"The manifest in {source} is not valid JSON ({error}).") from None
     check(data, source)
     return data
@@ -104,7 +104,11 @@ def check(data: Any, source: str) -> None:
             f"The manifest in {source} has format {data['format']!r}, expected {FORMAT!r}."
         )
     version = data["format_version"]
-    if not isinstance(version, int) or isinstance(version, bool) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ManifestError(
+            f"The manifest in {source} has format version {version!r}; expected a positive integer."
+        )
+    if version > FORMAT_VERSION:
         raise ManifestError(
             f"The manifest in {source} has format version {version!r}; this runtime reads "
             f"versions up to {FORMAT_VERSION}. Upgrade fuser to load it."

@@ -151,6 +151,12 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument(
         "--tolerance", type=float, default=1e-4, help="largest allowed error (default 1e-4)"
     )
+    build.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        help="build even when members give NaN or inf on the probe batch (recorded in the "
+        "manifest)",
+    )
     build.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     build.set_defaults(handler=_build)
 
@@ -208,6 +214,7 @@ def _build(arguments: argparse.Namespace) -> int:
         custom_objects=custom_objects,
         probe_batch=arguments.probe_batch,
         tolerance=arguments.tolerance,
+        allow_nonfinite=arguments.allow_nonfinite,
         progress=not arguments.quiet,
     )
     # Refuse a format that cannot hold a member before writing any artifact.
@@ -349,11 +356,13 @@ def describe_manifest(manifest: dict[str, Any], source: str) -> str:
             lines.append(f"plain      {name}: {reason}")
     validation = manifest.get("validation") or {}
     for output, record in validation.get("outputs", {}).items():
-        members_text = ", ".join(f"{name} {value:.4g}" for name, value in record["members"].items())
+        members_text = ", ".join(
+            f"{name} {_score(value)}" for name, value in record["members"].items()
+        )
         in_sample = " in sample" if record.get("ensemble_is_in_sample") else ""
         lines.append(
             f"validation {output} {record['metric']} on {validation['source']} "
-            f"({validation['rows']} rows): ensemble {record['ensemble']:.4g}{in_sample}; "
+            f"({validation['rows']} rows): ensemble {_score(record['ensemble'])}{in_sample}; "
             f"members {members_text}"
         )
     selection = validation.get("selection")
@@ -374,15 +383,31 @@ def describe_manifest(manifest: dict[str, Any], source: str) -> str:
         )
     verification = manifest.get("verification", {})
     for what, record in sorted(verification.items()):
+        if isinstance(record, dict) and "max_abs_error" in record:
+            lines.append(
+                f"verified   {what}: max abs error {record['max_abs_error']:.2e} on "
+                f"{record['probe_batch']} probe rows (tolerance {record['tolerance']:g})"
+            )
+    if verification.get("nonfinite_allowed"):
+        counts = verification.get("nonfinite_values") or {}
+        found = ", ".join(
+            f"{member} {sum(record['nan'] + record['inf'] for record in outputs.values())}"
+            for member, outputs in counts.items()
+        )
         lines.append(
-            f"verified   {what}: max abs error {record['max_abs_error']:.2e} on {record['probe_batch']} "
-            f"probe rows (tolerance {record['tolerance']:g})"
+            "nonfinite  allowed (--allow-nonfinite); NaN or inf on the probe batch: "
+            + (found or "none")
         )
     versions = manifest.get("versions", {})
     lines.append(
         "versions   " + ", ".join(f"{key} {value}" for key, value in sorted(versions.items()))
     )
     return "\n".join(lines)
+
+
+def _score(value: float | None) -> str:
+    """A validation score; null in the manifest is a non-finite one."""
+    return "non-finite" if value is None else f"{value:.4g}"
 
 
 def _head_params(params: dict[str, Any]) -> str:

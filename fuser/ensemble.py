@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import platform
 from collections.abc import Sequence
@@ -31,7 +32,7 @@ from fuser.selection import (
 )
 from fuser.stack import FusionPlan, check_mode, plan_fusion
 from fuser.tasks import Task, infer_tasks, parse_task_option
-from fuser.validate import Plan, plan
+from fuser.validate import Plan, nonfinite_counts, nonfinite_problems, plan
 from runtime import manifest as manifest_lib
 from runtime._keras import native_grouped_convolutions
 from runtime.inputs import prepare_feeds
@@ -60,6 +61,7 @@ def build(
     custom_objects: dict[str, Any] | None = None,
     probe_batch: int = DEFAULT_PROBE_BATCH,
     tolerance: float = DEFAULT_TOLERANCE,
+    allow_nonfinite: bool = False,
     progress: bool = False,
 ) -> Ensemble:
     """Load ``members``, check they fit together, and fuse them into one verified model.
@@ -92,13 +94,22 @@ def build(
         probe_batch: rows of the probe batch the build verifies itself on.
         tolerance: largest allowed error (absolute, and relative to the value's size)
             between the fused model and the members run one by one.
+        allow_nonfinite: build even when members give NaN or inf on the probe batch (the
+            fused model must then give them in the same places); the manifest records it.
         progress: show progress on stderr.
 
     Raises:
-        FuseError: a bad member, incompatible members or a bad option, naming each.
+        FuseError: a bad member, incompatible members, a member giving NaN or inf on the
+            probe batch (unless ``allow_nonfinite``) or a bad option, naming each.
         VerificationError: the fused model disagrees with its members.
     """
-    _check_options(jobs=jobs, probe_batch=probe_batch, tolerance=tolerance, fusion=fusion)
+    _check_options(
+        jobs=jobs,
+        probe_batch=probe_batch,
+        tolerance=tolerance,
+        fusion=fusion,
+        allow_nonfinite=allow_nonfinite,
+    )
     head = make_head(head, weights=weights)
     selection = parse_selection(select)
     if (
@@ -135,7 +146,10 @@ def build(
     wiring = plan(loaded, input_name=input_name)
     output_names = [spec.name for spec in wiring.outputs]
     probe = _probe_batch(wiring.inputs, probe_batch)
-    probe_values = member_values(loaded, wiring, probe)
+    probe_values = member_values(loaded, wiring, probe, what="the probe batch")
+    nonfinite = nonfinite_counts(loaded, wiring, probe_values)
+    if nonfinite and not allow_nonfinite:
+        raise FuseError(nonfinite_problems(loaded, wiring, nonfinite))
     tasks = infer_tasks(
         loaded,
         wiring.output_order,
@@ -152,6 +166,16 @@ def build(
     else:
         _check_head(head, len(loaded), wiring, tasks)
     fusion_plan = plan_fusion(loaded, wiring.input_order, wiring.output_order, fusion)
+    kept_nonfinite = {
+        member.name: nonfinite[member.name] for member in loaded if member.name in nonfinite
+    }  # --select may have dropped some members
+    for member in loaded:
+        if member.name in kept_nonfinite:
+            found = sum(record["nan"] + record["inf"] for record in nonfinite[member.name].values())
+            reporter.note(
+                f"{member.describe()} gives {found} NaN or inf values on the probe batch; "
+                "built anyway (--allow-nonfinite)."
+            )
     with reporter.task("Fusing and compiling"):
         ensemble = Ensemble(
             loaded,
@@ -166,6 +190,7 @@ def build(
             xla=xla,
             tolerance=tolerance,
             validation=validation,
+            nonfinite=kept_nonfinite if allow_nonfinite else None,
             build_info={
                 "load_seconds": round(load_wall, 4),
                 "load_seconds_sum": round(load_sum, 4),
@@ -181,8 +206,12 @@ def build(
     return ensemble
 
 
-def _check_options(*, jobs: int | None, probe_batch: int, tolerance: float, fusion: str) -> None:
+def _check_options(
+    *, jobs: int | None, probe_batch: int, tolerance: float, fusion: str, allow_nonfinite: bool
+) -> None:
     problems = check_mode(fusion)
+    if not isinstance(allow_nonfinite, bool):
+        problems.append(f"allow_nonfinite must be True or False, got {allow_nonfinite!r}.")
     if jobs is not None and (not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1):
         problems.append(f"jobs must be a positive integer, got {jobs!r}.")
     if not isinstance(probe_batch, int) or isinstance(probe_batch, bool) or probe_batch < 1:
@@ -204,9 +233,18 @@ def _check_head(head: Head, n_members: int, wiring: Plan, tasks: dict[str, Task]
 
 
 def member_values(
-    members: Sequence[Member], wiring: Plan, feeds: dict[str, np.ndarray], *, rows: int = 4096
+    members: Sequence[Member],
+    wiring: Plan,
+    feeds: dict[str, np.ndarray],
+    *,
+    rows: int = 4096,
+    what: str = "its inputs",
 ) -> dict[str, np.ndarray]:
-    """Each member run on its own: fused output name -> ``(members, rows, ...)`` float64."""
+    """Each member run on its own: fused output name -> ``(members, rows, ...)`` float64.
+
+    Raises:
+        FuseError: a member fails on ``feeds`` (described by ``what``), naming it.
+    """
     import tensorflow as tf
 
     per_output: dict[str, list[np.ndarray]] = {spec.name: [] for spec in wiring.outputs}
@@ -218,7 +256,14 @@ def member_values(
                 tf.constant(feeds[name][start : start + rows])
                 for name in wiring.input_order[member.name]
             ]
-            chunks.append([np.asarray(value) for value in member.call(tensors)])
+            try:
+                chunks.append([np.asarray(value) for value in member.call(tensors)])
+            except Exception as error:  # the member's own computation failed
+                raise FuseError(
+                    f"{member.describe()} fails when run on {what} ({type(error).__name__}, "
+                    "--debug shows it); check that it runs on plain tensors of the shapes and "
+                    "dtypes its signature declares (ragged and sparse inputs are not supported)."
+                ) from error
         outputs = [np.concatenate(parts) for parts in zip(*chunks)]
         for slot, spec in enumerate(wiring.outputs):
             index = wiring.output_order[member.name][slot]
@@ -252,7 +297,7 @@ def _fit(
         name: prepare_targets(target, specs[name], tasks[name].kind, data.source)
         for name, target in data.targets.items()
     }
-    values = member_values(members, wiring, feeds)
+    values = member_values(members, wiring, feeds, what=f"the validation data {data.source}")
     metrics = {name: check_metric(metric, tasks[name].kind) for name in specs}
     scores = {
         name: [
@@ -311,8 +356,12 @@ def _fit(
         combined = head.reference(values[name], task=tasks[name].kind, output=name)
         record["outputs"][name] = {
             "metric": metrics[name],
-            "members": {member: round(value, 6) for member, value in zip(every_name, scores[name])},
-            "ensemble": round(score(combined, targets[name], tasks[name].kind, metrics[name]), 6),
+            "members": {
+                member: _manifest_score(value) for member, value in zip(every_name, scores[name])
+            },
+            "ensemble": _manifest_score(
+                score(combined, targets[name], tasks[name].kind, metrics[name])
+            ),
             "ensemble_is_in_sample": head.needs_fit,
         }
     return members, wiring, head, probe_values, record
@@ -327,6 +376,9 @@ class Ensemble:
         inputs, outputs: the fused signature (``runtime.TensorSpec``).
         manifest: the record every artifact carries (without the artifact's own part).
         verification: the probe batch check of the fused model.
+        nonfinite: when the build allowed NaN and inf (``allow_nonfinite``), the counts
+            each member gave on the probe batch (see ``fuser.validate.nonfinite_counts``);
+            else None.
     """
 
     def __init__(
@@ -344,6 +396,7 @@ class Ensemble:
         xla: bool = False,
         tolerance: float = DEFAULT_TOLERANCE,
         validation: dict[str, Any] | None = None,
+        nonfinite: dict[str, dict[str, dict[str, int]]] | None = None,
         build_info: dict[str, Any] | None = None,
     ) -> None:
         self.members = list(members)
@@ -380,6 +433,7 @@ class Ensemble:
             "max_abs_error": error,
         }
         self.validation = validation
+        self.nonfinite = nonfinite
         self._build_info = build_info or {}
 
     def serving_function(self, *, jit_compile: bool = False) -> Any:
@@ -425,7 +479,8 @@ class Ensemble:
                     f"{what} returns output '{spec.name}' of shape {got.shape}, but the members "
                     f"give {want.shape}."
                 )
-            difference = np.abs(got - want)
+            with np.errstate(invalid="ignore"):  # inf - inf where both are inf: not compared
+                difference = np.abs(got - want)
             if not np.all(np.isfinite(got) == np.isfinite(want)):
                 raise VerificationError(
                     f"{what} returns non-finite values in output '{spec.name}' where the members do not."
@@ -479,9 +534,19 @@ class Ensemble:
             "outputs": [spec.to_json() for spec in self.outputs],
             "fusion": {**self.fusion.to_manifest(), "xla": self.xla},
             "build": dict(self._build_info),
-            "verification": {"fused_model": dict(self.verification)},
+            "verification": {"fused_model": dict(self.verification), **self._nonfinite_record()},
             "artifact": {},
         }
+
+    def _nonfinite_record(self) -> dict[str, Any]:
+        """For a build that allowed NaN and inf: the flag, and the counts per member."""
+        if self.nonfinite is None:
+            return {}
+        values = {
+            member: {output: dict(record) for output, record in outputs.items()}
+            for member, outputs in self.nonfinite.items()
+        }
+        return {"nonfinite_allowed": True, "nonfinite_values": values}
 
     def save(
         self, path: str | os.PathLike, *, force: bool = False, opset: int | None = None
@@ -495,6 +560,12 @@ class Ensemble:
         from fuser import export
 
         return export.write(self, Path(path), force=force, opset=opset)
+
+
+def _manifest_score(value: float) -> float | None:
+    """A score as the manifest keeps it: JSON has no NaN or inf, so a non-finite one
+    (a member giving them, built with ``allow_nonfinite``) is null."""
+    return round(float(value), 6) if math.isfinite(value) else None
 
 
 def _probe_batch(inputs: Sequence[TensorSpec], rows: int) -> dict[str, np.ndarray]:

@@ -27,6 +27,8 @@ FORMATS = ("keras", "h5", "savedmodel", "memory")
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _ZIP_MAGIC = b"PK\x03\x04"
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+# Model files of other frameworks, recognised by suffix to say so instead of "not a model".
+_FOREIGN_FORMATS = {".onnx": "an ONNX model", ".tflite": "a TensorFlow Lite model"}
 
 
 @dataclasses.dataclass
@@ -172,6 +174,17 @@ def detect_format(spec: MemberSpec) -> str:
         return "keras"
     if head.startswith(_HDF5_MAGIC):
         return "h5"
+    if path.name == "saved_model.pb":
+        return _refuse(
+            spec, f"{path} is the graph file of a SavedModel; give its directory {path.parent}"
+        )
+    if path.suffix.lower() in _FOREIGN_FORMATS:
+        return _refuse(
+            spec,
+            f"{path} is named as {_FOREIGN_FORMATS[path.suffix.lower()]}, and fuser does not "
+            "take those as members; give the Keras or TensorFlow model it came from (a .keras "
+            "file, a legacy .h5 file or a SavedModel directory)",
+        )
     if path.suffix.lower() in (".keras", ".h5", ".hdf5"):
         kind = "zip archive" if path.suffix.lower() == ".keras" else "HDF5 file"
         return _refuse(spec, f"{path} is not a {kind}, so it is not a {path.suffix} model")
@@ -265,12 +278,65 @@ def _load_keras(spec: MemberSpec, safe_mode: bool, custom_objects: dict[str, Any
 
     try:
         return keras.models.load_model(
-            spec.source, compile=False, safe_mode=safe_mode, custom_objects=custom_objects
+            spec.source,
+            compile=False,
+            safe_mode=safe_mode,
+            custom_objects=_by_registered_name(spec.source, custom_objects),
         )
     except Exception as error:
         raise FuseError(
             f"{spec.describe()} could not be loaded: {_explain_load_error(error)}"
         ) from None
+
+
+def _by_registered_name(path: Path, custom_objects: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``custom_objects`` also under the names the file records for them (``package>Class``).
+
+    Keras looks a registered class up by the name it was saved under only, while users
+    give it by its class name (``--custom-objects module:Class``); a class registered
+    under another package where it is loaded would not be found either.
+    """
+    if not custom_objects:
+        return custom_objects
+    keyed = dict(custom_objects)
+    for registered in _registered_names(path):
+        package, _, name = registered.rpartition(">")
+        if package and name in custom_objects:
+            keyed.setdefault(registered, custom_objects[name])
+    return keyed
+
+
+def _registered_names(path: Path) -> set[str]:
+    """The ``package>Class`` names in a .keras or .h5 model's config (empty if unreadable)."""
+    import json
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                config = json.loads(archive.read("config.json"))
+        else:
+            import h5py
+
+            with h5py.File(path, "r") as file:
+                text = file.attrs.get("model_config")
+            config = json.loads(text) if text is not None else None
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return set()
+    names: set[str] = set()
+    pending = [config]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, dict):
+            names.update(
+                value
+                for key in ("registered_name", "class_name")
+                if isinstance(value := node.get(key), str) and ">" in value
+            )
+            pending.extend(node.values())
+        elif isinstance(node, list):
+            pending.extend(node)
+    return names
 
 
 def _explain_load_error(error: BaseException) -> str:
@@ -281,7 +347,9 @@ def _explain_load_error(error: BaseException) -> str:
             "run; if you trust this file, rebuild with --unsafe (safe_mode=False)."
         )
     if "Could not locate class" in text or "Unknown layer" in text or "custom_objects" in text:
-        match = re.search(r"class '?([\w.]+)'?", text)
+        # Keras wraps the error of the layer inside the model's ("<class ...Functional'>
+        # could not be deserialized ... Could not locate class 'Scale'"): name the layer's.
+        match = re.search(r"(?:Could not locate class|Unknown layer:?) '?([\w.]*\w)", text)
         what = f"the custom class {match.group(1)!r}" if match else "a custom class"
         return (
             f"it uses {what}, which is not registered; pass --custom-objects module:name "
@@ -331,7 +399,12 @@ def _load_savedmodel(
         raise FuseError(f"{spec.describe()} has a saved_model.pb that cannot be parsed.") from None
     signatures: dict[str, Any] = {}
     for meta_graph in proto.meta_graphs:
-        signatures.update(meta_graph.signature_def)
+        signatures.update(
+            # "__saved_model_init_op" and the like are TensorFlow's own, not callable ones.
+            (name, signature)
+            for name, signature in meta_graph.signature_def.items()
+            if not name.startswith("__")
+        )
     if "serving_default" not in signatures:
         found = ", ".join(sorted(signatures)) or "none"
         raise FuseError(
@@ -365,8 +438,15 @@ def _spec_from_tensor_info(spec: MemberSpec, name: str, info: Any, tf: Any) -> T
             f"{spec.describe()} has a signature tensor {name!r} of unknown rank; export the "
             "model with a fixed input signature."
         )
+    try:
+        dtype = tf.dtypes.as_dtype(info.dtype).name
+    except TypeError:  # DT_INVALID: a sparse or composite tensor, not a plain one
+        raise FuseError(
+            f"{spec.describe()} has a signature tensor {name!r} without a known dtype (it is "
+            "not a plain tensor); export the model with a signature of plain tensors."
+        ) from None
     shape = tuple(dim.size if dim.size >= 0 else None for dim in info.tensor_shape.dim)
-    return TensorSpec(name, shape, tf.dtypes.as_dtype(info.dtype).name)
+    return TensorSpec(name, shape, dtype)
 
 
 def _tensor_name(name: str) -> str:

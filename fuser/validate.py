@@ -2,6 +2,8 @@
 
 ``check_members`` returns every problem (never raises); ``plan`` raises one
 ``FuseError`` carrying them all, or returns the wiring the fuser follows.
+``nonfinite_counts`` and ``nonfinite_problems`` check what the members give on the
+probe batch: NaN or inf there refuses the build unless it is allowed.
 """
 
 from __future__ import annotations
@@ -10,11 +12,25 @@ import dataclasses
 import re
 from collections.abc import Sequence
 
+import numpy as np
+
 from fuser.errors import FuseError
 from fuser.members import Member
 from runtime.manifest import TensorSpec, format_shape
 
 _VALID_TENSOR_NAME = re.compile(r"^[A-Za-z0-9.][A-Za-z0-9_.\-/]*$")
+# Input dtypes the probe batch, the runtime and every artifact format can feed.
+_INPUT_DTYPES = (
+    "bool",
+    *(f"int{bits}" for bits in (8, 16, 32, 64)),
+    *(f"uint{bits}" for bits in (8, 16, 32, 64)),
+    "float16",
+    "bfloat16",
+    "float32",
+    "float64",
+    "complex64",
+    "complex128",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,7 +179,13 @@ def _merge(
     problems: list[str],
 ) -> TensorSpec:
     """Unify two specs, batch aside: equal dims, or one of them free (``None``)."""
-    if kind == "input" and spec.dtype != fused.dtype:
+    if kind == "input" and spec.dtype not in _INPUT_DTYPES:
+        problems.append(
+            f"{member.describe()} expects {kind} {spec.name!r} of dtype {spec.dtype}, but fused "
+            "inputs must be numbers or booleans; move the preprocessing of that input out of "
+            "the member, so it takes numbers."
+        )
+    elif kind == "input" and spec.dtype != fused.dtype:
         problems.append(
             f"{member.describe()} expects {kind} {spec.name!r} of dtype {spec.dtype}, but "
             f"{_mention(first)} expects {fused.dtype}; members must share one input dtype."
@@ -180,6 +202,65 @@ def _merge(
         return fused
     shape = tuple(a if a is not None else b for a, b in zip(fused.shape, spec.shape))
     return TensorSpec(fused.name, shape, fused.dtype)
+
+
+def nonfinite_counts(
+    members: Sequence[Member], wiring: Plan, probe_values: dict[str, np.ndarray]
+) -> dict[str, dict[str, dict[str, int]]]:
+    """The NaN and inf each member gives on the probe batch.
+
+    Args:
+        probe_values: fused output name -> the members' values, ``(members, rows, ...)``.
+
+    Returns:
+        member name -> fused output name -> ``{"nan": ..., "inf": ..., "values": ...}``
+        (``values`` is the output's size), for the outputs holding any; empty when all
+        values are finite.
+    """
+    counts: dict[str, dict[str, dict[str, int]]] = {}
+    for position, member in enumerate(members):
+        for spec in wiring.outputs:
+            values = probe_values[spec.name][position]
+            nan, inf = int(np.isnan(values).sum()), int(np.isinf(values).sum())
+            if nan or inf:
+                counts.setdefault(member.name, {})[spec.name] = {
+                    "nan": nan,
+                    "inf": inf,
+                    "values": int(values.size),
+                }
+    return counts
+
+
+def nonfinite_problems(
+    members: Sequence[Member], wiring: Plan, counts: dict[str, dict[str, dict[str, int]]]
+) -> list[str]:
+    """One sentence per member in ``counts`` (see ``nonfinite_counts``), naming its outputs."""
+    problems = []
+    for member in members:
+        found = counts.get(member.name)
+        if not found:
+            continue
+        parts = []
+        for slot, spec in enumerate(wiring.outputs):
+            record = found.get(spec.name)
+            if record is None:
+                continue
+            output = member.outputs[wiring.output_order[member.name][slot]].name
+            kinds = ", ".join(
+                f"{record[kind]} {label}"
+                for kind, label in (("nan", "NaN"), ("inf", "inf"))
+                if record[kind]
+            )
+            parts.append(
+                f"{record['nan'] + record['inf']} of {record['values']} values of output "
+                f"{output!r} are NaN or inf ({kinds})"
+            )
+        problems.append(
+            f"{member.describe()} gives non-finite values on the probe batch: "
+            f"{', and '.join(parts)}; fix the member, or pass --allow-nonfinite "
+            "(allow_nonfinite=True) to build anyway."
+        )
+    return problems
 
 
 def _count_problem(member: Member, first: Member, kind: str, theirs, ours) -> str:

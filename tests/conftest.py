@@ -33,6 +33,26 @@ def mlp(seed: int, *, input_name: str = "features", classes: int = N_CLASSES, wi
     return keras.Model(inputs, outputs)
 
 
+def overflowing(seed: int):
+    """Gives inf and NaN without a Lambda layer: ``exp(1000 * sum(features))`` overflows
+    float32 to inf on rows with a clearly positive feature sum (zeros on negative ones);
+    output columns 0-2 copy it (inf), columns 3-4 multiply it by 0 (NaN where it is inf).
+
+    Every non-finite value comes from one elementwise operation, never from a sum
+    whose order could matter, so every backend places them alike.
+    """
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((N_FEATURES,), name="features")
+    hidden = keras.layers.Dense(1, activation="exponential")
+    output = keras.layers.Dense(N_CLASSES, name="scores")
+    model = keras.Model(inputs, output(hidden(inputs)))
+    hidden.set_weights([np.full((N_FEATURES, 1), 1000.0, np.float32), np.zeros(1, np.float32)])
+    output.set_weights([np.array([[1, 1, 1, 0, 0]], np.float32), np.zeros(N_CLASSES, np.float32)])
+    return model
+
+
 def two_in_two_out(seed: int, *, swap_inputs: bool = False):
     """Inputs ``num`` (4,) and ``cat`` (3,); outputs ``score`` (1,) and ``probs`` (3,)."""
     import keras
@@ -79,10 +99,37 @@ def members_dir(tmp_path_factory) -> Path:
     lam_out = keras.layers.Lambda(lambda t: t * 2.0)(keras.layers.Dense(N_CLASSES)(lam_in))
     keras.Model(lam_in, lam_out).save(root / "lambda.keras")
     mlp(8).save_weights(root / "weights_only.weights.h5")
+    overflowing(9).save(root / "overflow.keras")
+    keras.utils.set_random_seed(10)
+    grid = keras.Input((4, 5), name="features")
+    keras.Model(grid, keras.layers.Dense(N_CLASSES)(keras.layers.Flatten()(grid))).save(
+        root / "rank3.keras"
+    )
+
+    tf.saved_model.save(tf.Module(), str(root / "no_signature"))
+    text = tf.Module()
+    text.serve = tf.function(
+        lambda x: {"score": tf.strings.to_number(x)[:, None]},
+        input_signature=[tf.TensorSpec([None], tf.string)],
+    )
+    tf.saved_model.save(
+        text, str(root / "string_input"), signatures={"serving_default": text.serve}
+    )
+    ragged = tf.Module()
+    ragged.serve = tf.function(
+        lambda x: {"score": tf.reduce_sum(x, axis=1, keepdims=True)},
+        input_signature=[tf.RaggedTensorSpec([None, None], tf.float32)],
+    )
+    tf.saved_model.save(
+        ragged, str(root / "ragged_input"), signatures={"serving_default": ragged.serve}
+    )
+    _with_invalid_input_dtype(root / "d_tfsave", root / "invalid_dtype")
 
     (root / "empty.keras").write_bytes(b"")
     (root / "random.keras").write_bytes(np.random.default_rng(0).bytes(512))
     (root / "random.h5").write_bytes(np.random.default_rng(1).bytes(512))
+    (root / "random.onnx").write_bytes(np.random.default_rng(2).bytes(512))
+    (root / "random.tflite").write_bytes(np.random.default_rng(3).bytes(512))
     (root / "notes.txt").write_text("not a model\n")
     data = (root / "a.keras").read_bytes()
     (root / "truncated.keras").write_bytes(data[: len(data) // 2])
@@ -92,6 +139,79 @@ def members_dir(tmp_path_factory) -> Path:
     with zipfile.ZipFile(root / "a.keras") as archive:
         assert "config.json" in archive.namelist()
     return root
+
+
+def _with_invalid_input_dtype(source: Path, target: Path) -> None:
+    """A copy of a SavedModel whose serving_default input has dtype DT_INVALID, as a
+    signature tensor that is no plain tensor reads."""
+    import shutil
+
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    shutil.copytree(source, target)
+    proto = saved_model_pb2.SavedModel()
+    proto.ParseFromString((target / "saved_model.pb").read_bytes())
+    for meta_graph in proto.meta_graphs:
+        for info in meta_graph.signature_def["serving_default"].inputs.values():
+            info.dtype = 0
+    (target / "saved_model.pb").write_bytes(proto.SerializeToString())
+
+
+CUSTOM_LAYER_MODULE = "fuser_test_layers"
+CUSTOM_LAYER_SOURCE = """
+import keras
+
+
+@keras.saving.register_keras_serializable(package="fuser_tests")
+class Scale(keras.layers.Layer):
+    def __init__(self, factor=2.0, **kwargs):
+        super().__init__(**kwargs)
+        self.factor = factor
+
+    def call(self, inputs):
+        return inputs * self.factor
+
+    def get_config(self):
+        return {**super().get_config(), "factor": self.factor}
+"""
+
+
+@pytest.fixture(scope="session")
+def custom_layer_member(tmp_path_factory) -> tuple[Path, Path]:
+    """A .keras member using a registered custom layer, and the directory of the module
+    defining it (``fuser_test_layers``, put it on ``sys.path`` to import it).
+
+    The module is imported here to save the member, which registers the class in this
+    process; tests unregister it (``unregistered_custom_layer``) to load as a process
+    without the module would.
+    """
+    import importlib
+    import sys
+
+    import keras
+
+    code = tmp_path_factory.mktemp("custom_code")
+    (code / f"{CUSTOM_LAYER_MODULE}.py").write_text(CUSTOM_LAYER_SOURCE)
+    sys.path.insert(0, str(code))
+    try:
+        layers = importlib.import_module(CUSTOM_LAYER_MODULE)
+    finally:
+        sys.path.remove(str(code))
+    keras.utils.set_random_seed(15)
+    inputs = keras.Input((N_FEATURES,), name="features")
+    model = keras.Model(inputs, layers.Scale(3.0)(keras.layers.Dense(N_CLASSES)(inputs)))
+    path = tmp_path_factory.mktemp("custom_member") / "custom_layer.keras"
+    model.save(path)
+    return path, code
+
+
+@pytest.fixture
+def unregistered_custom_layer(custom_layer_member, monkeypatch) -> tuple[Path, Path]:
+    """``custom_layer_member`` with its class removed from Keras' registry for one test."""
+    import keras
+
+    monkeypatch.delitem(keras.saving.get_custom_objects(), "fuser_tests>Scale")
+    return custom_layer_member
 
 
 def reference_outputs(paths: list[Path], x) -> list:

@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from conftest import member_mean
+from conftest import CUSTOM_LAYER_MODULE, member_mean
 
+import runtime
 from fuser.cli import main
 
 
-def run_cli(*arguments) -> subprocess.CompletedProcess:
+def run_cli(*arguments, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "fuser", *map(str, arguments)],
         capture_output=True,
         text=True,
         timeout=300,
+        env=env,
     )
 
 
@@ -203,6 +207,22 @@ BAD_COMMANDS = [
         id="custom-objects",
     ),
     pytest.param(
+        ["build", "{m}/a.keras", "-o", "{t}/x.onnx", "--custom-objects", "no_such_module:Thing"],
+        r"--custom-objects 'no_such_module:Thing' could not be imported",
+        id="custom-objects-not-importable",
+    ),
+    pytest.param(
+        ["build", "{m}/overflow.keras", "-o", "{t}/x.onnx"],
+        r'Member "overflow" \(overflow\.keras\) gives non-finite values on the probe batch: .* '
+        r"pass --allow-nonfinite",
+        id="nonfinite-member",
+    ),
+    pytest.param(
+        ["build", "{m}/random.onnx", "-o", "{t}/x.onnx"],
+        r"is named as an ONNX model, and fuser does not take those as members",
+        id="onnx-member",
+    ),
+    pytest.param(
         ["inspect", "{m}/notes.txt"],
         r"neither an \.onnx file, a \.keras file nor a SavedModel",
         id="inspect-non-artifact",
@@ -273,3 +293,65 @@ def test_keras_output_for_savedmodel_members_is_refused_before_anything_loads(
     monkeypatch.setattr("fuser.ensemble.load_members", must_not_load)
     argv = ["build", str(members_dir / "a.keras"), str(members_dir / "d_tfsave")]
     assert main([*argv, "-o", str(tmp_path / "x.keras"), "-q"]) == 2
+
+
+def test_allow_nonfinite_builds_and_inspect_reports_it(members_dir, tmp_path, capsys):
+    artifact = tmp_path / "nonfinite.onnx"
+    argv = ["build", str(members_dir / "overflow.keras"), "-o", str(artifact)]
+    assert main([*argv, "--allow-nonfinite"]) == 0
+    assert re.search(
+        r'Member "overflow" \(overflow\.keras\) gives \d+ NaN or inf values on the probe batch; '
+        r"built anyway \(--allow-nonfinite\)\.",
+        capsys.readouterr().err,
+    )
+    assert main(["inspect", str(artifact)]) == 0
+    assert re.search(
+        r"nonfinite  allowed \(--allow-nonfinite\); NaN or inf on the probe batch: overflow \d+",
+        capsys.readouterr().out,
+    )
+    prediction = runtime.load(artifact).predict(np.zeros((2, 20), np.float32))
+    np.testing.assert_array_equal(prediction, [[1, 1, 1, 0, 0]] * 2)  # exp(0) * [1, 1, 1, 0, 0]
+
+
+def test_unregistered_custom_layer_exits_2_then_loads_with_custom_objects(
+    unregistered_custom_layer, tmp_path, features, capsys, monkeypatch
+):
+    import keras
+
+    path, code = unregistered_custom_layer
+    artifact = tmp_path / "custom.onnx"
+    assert main(["build", str(path), "-o", str(artifact), "-q"]) == 2
+    error = capsys.readouterr().err
+    assert "it uses the custom class 'Scale', which is not registered; pass --custom-objects" in (
+        error
+    )
+    assert "Traceback" not in error and not list(tmp_path.iterdir())
+
+    monkeypatch.syspath_prepend(str(code))
+    objects = f"{CUSTOM_LAYER_MODULE}:Scale"
+    assert main(["build", str(path), "-o", str(artifact), "-q", "--custom-objects", objects]) == 0
+    scale = sys.modules[CUSTOM_LAYER_MODULE].Scale
+    member = keras.models.load_model(path, custom_objects={"fuser_tests>Scale": scale})
+    np.testing.assert_allclose(
+        runtime.load(artifact).predict(features), member(features), atol=1e-5
+    )
+
+
+def test_custom_objects_register_the_class_in_a_fresh_process(custom_layer_member, tmp_path):
+    path, code = custom_layer_member
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(code), os.environ.get("PYTHONPATH")])),
+    }
+    completed = run_cli(
+        "build",
+        path,
+        "-o",
+        tmp_path / "custom.keras",
+        "-q",
+        "--custom-objects",
+        f"{CUSTOM_LAYER_MODULE}:Scale",
+        env=env,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert (tmp_path / "custom.keras").is_file()

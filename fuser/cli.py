@@ -163,6 +163,9 @@ def _parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser("inspect", parents=[common], help="show an artifact's manifest")
     inspect.add_argument("artifact", type=Path, metavar="ARTIFACT")
     inspect.add_argument("--json", action="store_true", help="print the raw manifest JSON")
+    inspect.add_argument(
+        "--no-verify", action="store_true", help="skip the check against the SHA-256 seal"
+    )
     inspect.set_defaults(handler=_inspect)
 
     predict = commands.add_parser(
@@ -179,7 +182,78 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--threads", type=int, help="ONNX Runtime intra-op threads (default: one per core)"
     )
+    predict.add_argument(
+        "--no-verify", action="store_true", help="skip the check against the SHA-256 seal"
+    )
     predict.set_defaults(handler=_predict)
+
+    serve = commands.add_parser(
+        "serve",
+        parents=[common],
+        help="serve an artifact over TF Serving's REST API (needs fuser[serve])",
+        description="Serve ARTIFACT over TensorFlow Serving's REST API: POST "
+        "/v1/models/NAME:predict, GET /v1/models/NAME and /v1/models/NAME/metadata, plus "
+        "/healthz and /metrics. Concurrent requests are batched dynamically.",
+    )
+    serve.add_argument("artifact", type=Path, metavar="ARTIFACT")
+    serve.add_argument("--name", help="model name in the URLs (default: the artifact's stem)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument(
+        "--port", type=int, default=8501, help="port (default 8501, TF Serving's REST port)"
+    )
+    serve.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=64,
+        help="rows per coalesced forward pass (default 64)",
+    )
+    serve.add_argument(
+        "--batch-timeout-ms",
+        type=float,
+        default=2.0,
+        help="longest wait for more requests once one is queued (default 2)",
+    )
+    serve.add_argument("--no-batching", action="store_true", help="run every request on its own")
+    serve.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=64 * 2**20,
+        help="largest request body (default 64 MiB)",
+    )
+    serve.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    serve.add_argument(
+        "--no-verify", action="store_true", help="skip the check against the SHA-256 seal"
+    )
+    serve.set_defaults(handler=_serve)
+
+    export = commands.add_parser(
+        "export", parents=[common], help="package an artifact for Triton or TF Serving"
+    )
+    targets = export.add_subparsers(dest="target", metavar="TARGET", required=True)
+    triton = targets.add_parser(
+        "triton",
+        parents=[common],
+        help="write REPO/NAME/1/model.onnx and REPO/NAME/config.pbtxt",
+    )
+    triton.add_argument("artifact", type=Path, metavar="ARTIFACT.onnx")
+    triton.add_argument("repository", type=Path, metavar="REPO")
+    triton.add_argument("--name", help="model name (default: the artifact's stem)")
+    triton.add_argument("--max-batch-size", type=int, default=64, help="default 64")
+    triton.add_argument(
+        "--max-queue-delay-us", type=int, default=2000, help="dynamic batcher delay (default 2000)"
+    )
+    triton.add_argument("--instances", type=int, default=1, help="CPU instances (default 1)")
+    triton.add_argument("--force", action="store_true", help="replace an existing model")
+    triton.set_defaults(handler=_export_triton)
+    tfserving = targets.add_parser(
+        "tfserving", parents=[common], help="write REPO/NAME/VERSION/ from a SavedModel artifact"
+    )
+    tfserving.add_argument("artifact", type=Path, metavar="ARTIFACT_DIR")
+    tfserving.add_argument("repository", type=Path, metavar="REPO")
+    tfserving.add_argument("--name", help="model name (default: the directory's name)")
+    tfserving.add_argument("--version", type=int, default=1, help="version directory (default 1)")
+    tfserving.add_argument("--force", action="store_true", help="replace an existing version")
+    tfserving.set_defaults(handler=_export_tfserving)
     return parser
 
 
@@ -282,52 +356,20 @@ def _custom_objects(specs: list[str], problems: list[str]) -> dict[str, Any] | N
 
 
 def _inspect(arguments: argparse.Namespace) -> int:
-    manifest = _read_manifest(arguments.artifact)
+    from runtime import integrity
+    from runtime.backends import artifact_format
+
+    path = arguments.artifact
+    manifest = integrity.read_manifest(artifact_format(path), path, verify=not arguments.no_verify)
     if arguments.json:
         print(json.dumps(manifest, indent=2, sort_keys=True))
         return EXIT_OK
-    print(describe_manifest(manifest, str(arguments.artifact)))
+    print(describe_manifest(manifest, str(path), verified=not arguments.no_verify))
     return EXIT_OK
 
 
-def _read_manifest(path: Path) -> dict[str, Any]:
-    """Read only the manifest: no session, no TensorFlow."""
-    import zipfile
-
-    from runtime import manifest as manifest_lib
-    from runtime.backends import artifact_format
-    from runtime.errors import ArtifactError
-
-    kind = artifact_format(path)
-    if kind == "savedmodel":
-        asset = path / manifest_lib.SAVEDMODEL_ASSET
-        if not asset.is_file():
-            raise ArtifactError(
-                f"Artifact {path} has no fuser manifest ({manifest_lib.SAVEDMODEL_ASSET})."
-            )
-        return manifest_lib.loads(asset.read_bytes(), str(asset))
-    if kind == "keras":
-        try:
-            with zipfile.ZipFile(path) as archive:
-                return manifest_lib.loads(archive.read(manifest_lib.KERAS_ZIP_ENTRY), str(path))
-        except (zipfile.BadZipFile, KeyError):
-            raise ArtifactError(
-                f"Artifact {path} is not a .keras file with a fuser manifest."
-            ) from None
-    import onnx
-
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception:
-        raise ArtifactError(f"Artifact {path} is not a readable ONNX model.") from None
-    for entry in model.metadata_props:
-        if entry.key == manifest_lib.ONNX_METADATA_KEY:
-            return manifest_lib.loads(entry.value, str(path))
-    raise ArtifactError(f"Artifact {path} is an ONNX model without a fuser manifest.")
-
-
-def describe_manifest(manifest: dict[str, Any], source: str) -> str:
-    """A human-readable summary of a manifest."""
+def describe_manifest(manifest: dict[str, Any], source: str, *, verified: bool = False) -> str:
+    """A human-readable summary of a manifest (``verified``: its seal was checked)."""
     from runtime.manifest import specs
 
     artifact = manifest["artifact"]
@@ -398,6 +440,13 @@ def describe_manifest(manifest: dict[str, Any], source: str) -> str:
             "nonfinite  allowed (--allow-nonfinite); NaN or inf on the probe batch: "
             + (found or "none")
         )
+    seal = manifest.get("integrity") or {}
+    if seal:
+        state = "verified" if verified else "not checked (--no-verify)"
+        lines.append(
+            f"integrity  {seal.get('algorithm')} {state}: {len(seal.get('content', {}))} "
+            f"piece(s) and the manifest, seal {str(seal.get('manifest'))[:12]}"
+        )
     versions = manifest.get("versions", {})
     lines.append(
         "versions   " + ", ".join(f"{key} {value}" for key, value in sorted(versions.items()))
@@ -427,7 +476,9 @@ def _predict(arguments: argparse.Namespace) -> int:
 
     import runtime
 
-    model = runtime.load(arguments.artifact, threads=arguments.threads)
+    model = runtime.load(
+        arguments.artifact, threads=arguments.threads, verify=not arguments.no_verify
+    )
     batch = _read_batch(arguments.input, [spec.name for spec in model.inputs])
     result = model.predict(batch, batch_size=arguments.batch_size)
     outputs = result if isinstance(result, dict) else {model.outputs[0].name: result}
@@ -448,6 +499,78 @@ def _predict(arguments: argparse.Namespace) -> int:
     os.replace(temporary, path)
     rows = next(iter(outputs.values())).shape[0]
     print(f"Wrote {rows} rows of {', '.join(outputs)} to {path}.", file=sys.stderr)
+    return EXIT_OK
+
+
+def _serve(arguments: argparse.Namespace) -> int:
+    try:
+        import starlette  # noqa: F401
+        import uvicorn
+    except ImportError:
+        raise FuseError(
+            'fuser serve needs the serve extra: pip install "fuser[serve]" (starlette, uvicorn).'
+        ) from None
+    import runtime
+    from runtime.server import ServeOptions, create_app
+
+    options = ServeOptions(
+        name=arguments.name or arguments.artifact.stem,
+        max_batch_size=arguments.max_batch_size,
+        batch_timeout_ms=arguments.batch_timeout_ms,
+        batching=not arguments.no_batching,
+        max_body_bytes=arguments.max_body_bytes,
+    )
+    problems = options.check()
+    if not 0 <= arguments.port <= 65535:
+        problems.append(f"--port must be between 0 and 65535, got {arguments.port}.")
+    if problems:
+        raise FuseError(problems)
+    model = runtime.load(
+        arguments.artifact, threads=arguments.threads, verify=not arguments.no_verify
+    )
+    app = create_app(model, options)
+    batching = (
+        f"dynamic batching up to {options.max_batch_size} rows, {options.batch_timeout_ms:g} ms"
+        if options.batching
+        else "no batching"
+    )
+    print(
+        f"Serving {arguments.artifact} as '{options.name}' on "
+        f"http://{arguments.host}:{arguments.port}/v1/models/{options.name} ({batching}).",
+        file=sys.stderr,
+        flush=True,
+    )
+    uvicorn.run(app, host=arguments.host, port=arguments.port, log_level="warning")
+    return EXIT_OK
+
+
+def _export_triton(arguments: argparse.Namespace) -> int:
+    from fuser.packaging import export_triton
+
+    target = export_triton(
+        arguments.artifact,
+        arguments.repository,
+        name=arguments.name,
+        max_batch_size=arguments.max_batch_size,
+        max_queue_delay_us=arguments.max_queue_delay_us,
+        instances=arguments.instances,
+        force=arguments.force,
+    )
+    print(f"Wrote the Triton model {target} (config.pbtxt, 1/model.onnx).", file=sys.stderr)
+    return EXIT_OK
+
+
+def _export_tfserving(arguments: argparse.Namespace) -> int:
+    from fuser.packaging import export_tfserving
+
+    target = export_tfserving(
+        arguments.artifact,
+        arguments.repository,
+        name=arguments.name,
+        version=arguments.version,
+        force=arguments.force,
+    )
+    print(f"Wrote the TF Serving model version {target}.", file=sys.stderr)
     return EXIT_OK
 
 

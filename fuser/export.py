@@ -226,7 +226,7 @@ _EMBEDDERS = {"onnx": _embed_onnx, "savedmodel": _embed_savedmodel, "keras": _em
 def _check_seal(kind: str, temporary: Path, path: Path) -> None:
     """Read the sealed artifact back as the runtime will, so a seal that cannot hold never lands."""
     try:
-        integrity.check_artifact(kind, temporary)
+        integrity.read_manifest(kind, temporary)
     except integrity.IntegrityError as error:
         raise FuseError(
             f"The {kind} artifact {path} did not pass its own integrity check after sealing "

@@ -79,7 +79,9 @@ class FusedModel:
             f"head={self.manifest['head'].get('name')!r})"
         )
 
-    def predict(self, x: Any, batch_size: int | None = None) -> np.ndarray | dict[str, np.ndarray]:
+    def predict(
+        self, x: Any, batch_size: int | None = None, *, as_dict: bool = False
+    ) -> np.ndarray | dict[str, np.ndarray]:
         """Run the ensemble on a batch.
 
         Args:
@@ -87,9 +89,11 @@ class FusedModel:
                 for several inputs, a dict keyed by input name or a sequence in the
                 order of ``inputs``.
             batch_size: if given, run at most this many rows at a time (bounds memory).
+            as_dict: always answer with a dict output name -> array.
 
         Returns:
-            One array for a one-output ensemble, else a dict output name -> array.
+            One array for a one-output ensemble (unless ``as_dict``), else a dict output
+            name -> array.
 
         Raises:
             ValueError: wrong number of inputs, wrong rank or shape, mismatched batches.
@@ -121,6 +125,6 @@ class FusedModel:
                 spec.name: np.concatenate([part[spec.name] for part in parts])
                 for spec in self.outputs
             }
-        if len(self.outputs) == 1:
+        if len(self.outputs) == 1 and not as_dict:
             return results[self.outputs[0].name]
         return {spec.name: results[spec.name] for spec in self.outputs}

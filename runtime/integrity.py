@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -225,31 +226,45 @@ def check(manifest: dict[str, Any], content: dict[str, str], source: str) -> Non
         )
 
 
-def check_artifact(kind: str, path: Path) -> dict[str, Any]:
-    """Check the artifact at ``path`` against its seal without loading the model.
-
-    Returns:
-        The manifest.
+def read_manifest(kind: str, path: Path, *, verify: bool = True) -> dict[str, Any]:
+    """The manifest of the artifact at ``path``, checked against its seal unless
+    ``verify=False``, without loading the model (no ONNX Runtime, no TensorFlow).
 
     Raises:
         ArtifactError: no manifest, or a damaged one; ``IntegrityError`` on a mismatch.
     """
+    source = str(path)
     if kind == "onnx":
         text, pieces = split_onnx(path.read_bytes())
         if text is None:
-            raise ArtifactError(f"Artifact {path} carries no fuser manifest.")
-        manifest = manifest_lib.loads(text, str(path))
-        check(manifest, onnx_content(pieces), str(path))
-    elif kind == "savedmodel":
-        manifest = manifest_lib.loads(
-            (path / manifest_lib.SAVEDMODEL_ASSET).read_bytes(), str(path)
-        )
-        check(manifest, savedmodel_content(path), str(path))
-    else:
+            raise ArtifactError(f"Artifact {path} is not an ONNX model with a fuser manifest.")
+        manifest = manifest_lib.loads(text, source)
+        if verify:
+            check(manifest, onnx_content(pieces), source)
+        return manifest
+    if kind == "savedmodel":
+        asset = path / manifest_lib.SAVEDMODEL_ASSET
+        if not asset.is_file():
+            raise ArtifactError(
+                f"Artifact {path} has no fuser manifest ({manifest_lib.SAVEDMODEL_ASSET})."
+            )
+        manifest = manifest_lib.loads(asset.read_bytes(), source)
+        if verify:
+            check(manifest, savedmodel_content(path), source)
+        return manifest
+    try:
         with zipfile.ZipFile(path) as archive:
-            manifest = manifest_lib.loads(archive.read(manifest_lib.KERAS_ZIP_ENTRY), str(path))
-            check(manifest, keras_content(archive), str(path))
-    return manifest
+            if manifest_lib.KERAS_ZIP_ENTRY not in archive.namelist():
+                raise ArtifactError(
+                    f"Artifact {path} is a .keras file without a fuser manifest "
+                    f"({manifest_lib.KERAS_ZIP_ENTRY})."
+                )
+            manifest = manifest_lib.loads(archive.read(manifest_lib.KERAS_ZIP_ENTRY), source)
+            if verify:
+                check(manifest, keras_content(archive), source)
+            return manifest
+    except (zipfile.BadZipFile, zlib.error, EOFError) as error:
+        raise ArtifactError(f"Artifact {path} is not a valid .keras (zip) file: {error}") from None
 
 
 def _pieces(names: list[str]) -> str:

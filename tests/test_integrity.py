@@ -196,3 +196,23 @@ def test_cli_refuses_a_damaged_artifact_with_one_sentence(artifacts, features, t
     error = capsys.readouterr().err
     assert "bad.onnx" in error and "integrity" in error and "Traceback" not in error
     assert not (tmp_path / "y.npy").exists()
+
+
+def test_inspect_checks_the_seal_unless_told_not_to(artifacts, tmp_path, capsys):
+    assert main(["inspect", str(artifacts["onnx"])]) == 0
+    assert "integrity  sha256 verified: 1 piece(s) and the manifest" in capsys.readouterr().out
+    import onnx
+    from onnx import numpy_helper
+
+    data = artifacts["onnx"].read_bytes()
+    kernel = max(
+        (numpy_helper.to_array(t) for t in onnx.load(str(artifacts["onnx"])).graph.initializer),
+        key=np.size,
+    )
+    (tmp_path / "bad.onnx").write_bytes(
+        data.replace(kernel.tobytes(), (kernel * 2).astype(np.float32).tobytes(), 1)
+    )
+    assert main(["inspect", str(tmp_path / "bad.onnx")]) == 2
+    assert "the graph and weights do not match" in capsys.readouterr().err
+    assert main(["inspect", str(tmp_path / "bad.onnx"), "--no-verify"]) == 0
+    assert "integrity  sha256 not checked (--no-verify)" in capsys.readouterr().out

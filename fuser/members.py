@@ -171,7 +171,7 @@ def detect_format(spec: MemberSpec) -> str:
             "save the whole model with model.save('model.keras')",
         )
     if head.startswith(_ZIP_MAGIC):
-        return "keras"
+        return _damaged_zip(spec, path) or "keras"
     if head.startswith(_HDF5_MAGIC):
         return "h5"
     if path.name == "saved_model.pb":
@@ -189,6 +189,25 @@ def detect_format(spec: MemberSpec) -> str:
         kind = "zip archive" if path.suffix.lower() == ".keras" else "HDF5 file"
         return _refuse(spec, f"{path} is not a {kind}, so it is not a {path.suffix} model")
     return _refuse(spec, f"{path} is not a model file; {expected}")
+
+
+def _damaged_zip(spec: MemberSpec, path: Path) -> None:
+    """Refuse a zip that is truncated or fails a CRC, before Keras says something vaguer."""
+    import zipfile
+    import zlib
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError):
+        bad = ""
+    if bad is not None:
+        where = f" (entry {bad!r} fails its CRC check)" if bad else ""
+        _refuse(
+            spec,
+            f"{path} is a damaged zip archive{where}: truncated or corrupted, so it cannot be "
+            "read as a .keras model",
+        )
 
 
 def _refuse(spec: MemberSpec, what: str) -> str:

@@ -133,6 +133,12 @@ def members_dir(tmp_path_factory) -> Path:
     (root / "notes.txt").write_text("not a model\n")
     data = (root / "a.keras").read_bytes()
     (root / "truncated.keras").write_bytes(data[: len(data) // 2])
+    with zipfile.ZipFile(root / "a.keras") as archive:
+        weights = archive.getinfo("model.weights.h5")
+    middle = weights.header_offset + 200  # inside the weights entry's data
+    (root / "corrupt.keras").write_bytes(
+        data[:middle] + bytes([data[middle] ^ 1]) + data[middle + 1 :]
+    )
     (root / "empty_dir").mkdir()
     (root / "not_a_savedmodel").mkdir()
     (root / "not_a_savedmodel" / "readme.txt").write_text("hello")

@@ -18,6 +18,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import fusion, plots, report, suite
+from benchmarks import serve as serve_benchmark
 from benchmarks.__main__ import main
 from benchmarks.approaches import APPROACHES
 from benchmarks.measure import Budget
@@ -195,3 +196,20 @@ def test_fusion_benchmark_compares_stacked_plain_auto_and_one_member(tmp_path):
     markdown = (tmp_path / "out" / "FUSION.md").read_text()
     assert "## mlp, 3 members" in markdown and "## cnn, 2 members" in markdown
     assert "stacked / one member, 1 thread" in markdown
+
+
+@pytest.mark.slow
+def test_serve_benchmark_drives_both_servers_and_reports_the_ratio(tmp_path):
+    results = serve_benchmark.run(tmp_path / "out", tmp_path / "work", seconds=1.0, clients=4)
+
+    batched, alone = results["rows"]
+    assert batched["server"] == "dynamic batching" and alone["server"] == "no batching"
+    for row in results["rows"]:
+        assert row["requests"] > 0
+        assert row["latency_ms_p99"] >= row["latency_ms_p50"] > 0
+    assert batched["rows_per_forward_pass"] >= 1 and "rows_per_forward_pass" not in alone
+    assert results["throughput_ratio"] == pytest.approx(
+        batched["requests_per_second"] / alone["requests_per_second"], rel=1e-2
+    )
+    markdown = (tmp_path / "out" / "SERVE.md").read_text()
+    assert "| dynamic batching" in markdown and "| no batching" in markdown

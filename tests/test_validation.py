@@ -40,8 +40,14 @@ BAD_BUILDS = [
     pytest.param(
         ["truncated.keras"],
         {},
-        r'Member "truncated" \(truncated\.keras\) could not be loaded',
+        r'Member "truncated": .*truncated\.keras is a damaged zip archive: truncated or corrupted',
         id="truncated-keras",
+    ),
+    pytest.param(
+        ["corrupt.keras"],
+        {},
+        r"corrupt\.keras is a damaged zip archive \(entry 'model\.weights\.h5' fails its CRC check\)",
+        id="corrupt-keras",
     ),
     pytest.param(
         ["empty_dir"], {}, r'Member "empty_dir": .*empty_dir is an empty directory', id="empty-dir"

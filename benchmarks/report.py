@@ -280,6 +280,13 @@ def _claims(results: Results, family: str, size: int, fused: float | None) -> li
     if measured:
         against = ", ".join(f"`{name}` {ratio(value, fused)}" for name, value in measured.items())
         sentences.append(f"Against every baseline (p50 ratio): {against}.")
+    stacked = _latency_ms(results, "fused_onnx_stacked", family, size)
+    if strong and stacked is not None:
+        sentences.append(
+            f"With horizontal fusion (`fused_onnx_stacked`, `--fusion stack`) the artifact "
+            f"answers in {number(stacked)} ms, **{ratio(strong[best], stacked)} faster** than "
+            f"`{best}`."
+        )
     return [" ".join(sentences)] if sentences else []
 
 

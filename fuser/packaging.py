@@ -159,6 +159,9 @@ def export_triton(
     try:
         (staging / "1").mkdir(parents=True)
         shutil.copyfile(artifact, staging / "1" / "model.onnx")
+        # Weights over 2 GB live beside the model, found by their (unchanged) names.
+        for data in manifest["artifact"].get("external_data", []):
+            shutil.copyfile(artifact.parent / data, staging / "1" / data)
         (staging / "config.pbtxt").write_text(config)
         _place(staging, target)
     finally:

@@ -83,6 +83,9 @@ def open_backend(
     return opener(Path(path), read_manifest=read_manifest, verify=verify)
 
 
+_EXTERNAL_DATA_KEY = b"\x0a\x08location"  # TensorProto.external_data entry {key: "location"}
+
+
 class OnnxBackend:
     """ONNX Runtime on the CPU. ``InferenceSession.run`` is safe to call from many threads."""
 
@@ -104,13 +107,18 @@ class OnnxBackend:
         if read_manifest and text is not None:
             self.manifest = manifest_lib.loads(text, str(path))
             if verify:
-                integrity.check(self.manifest, integrity.onnx_content(pieces), str(path))
+                external = integrity.external_data(self.manifest, str(path))
+                content = integrity.onnx_content(pieces, path.parent, external)
+                integrity.check(self.manifest, content, str(path))
         options = onnxruntime.SessionOptions()
         if threads is not None:
             options.intra_op_num_threads = threads
+        # Weights in external data files (artifacts over 2 GB) are found relative to the
+        # model's path, so such a model is opened by path; its files were checked above.
+        source = str(path) if _EXTERNAL_DATA_KEY in data else data
         try:
             self.session = onnxruntime.InferenceSession(
-                data, options, providers=["CPUExecutionProvider"]
+                source, options, providers=["CPUExecutionProvider"]
             )
         except Exception as error:  # onnxruntime raises its own untyped errors
             raise ArtifactError(

@@ -5,7 +5,8 @@ The manifest travels inside the artifact it describes, so the digests cover ever
 canonical JSON:
 
 - ``content``: one digest per piece of the artifact. ONNX: ``model``, the serialized
-  model with the manifest's metadata entry cut out (graph, weights, everything else).
+  model with the manifest's metadata entry cut out (graph, weights, everything else),
+  and each external data file by name (artifacts over ONNX's 2 GB protobuf limit).
   SavedModel: every file by its path relative to the directory, except the manifest
   asset. ``.keras``: every zip entry by name, except the manifest entry.
 - ``manifest``: the digest of the manifest as compact JSON with sorted keys, with this
@@ -21,6 +22,7 @@ import hashlib
 import json
 import zipfile
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -115,11 +117,39 @@ def split_onnx(data: bytes) -> tuple[str | None, tuple[memoryview, ...]]:
 # Content digests ----------------------------------------------------------------------
 
 
-def onnx_content(pieces: tuple[memoryview, ...]) -> dict[str, str]:
+def onnx_content(
+    pieces: tuple[memoryview, ...], directory: Path | None = None, external: Sequence[str] = ()
+) -> dict[str, str]:
+    """The model's digest, and one per external data file (``external``, beside the model).
+
+    A data file that is not there is left out, so ``check`` reports it missing.
+    """
     digest = hashlib.sha256()
     for piece in pieces:
         digest.update(piece)
-    return {ONNX_CONTENT: digest.hexdigest()}
+    content = {ONNX_CONTENT: digest.hexdigest()}
+    for name in external:
+        if directory is not None and (directory / name).is_file():
+            content[name] = sha256_file(directory / name)
+    return content
+
+
+def external_data(manifest: dict[str, Any], source: str) -> list[str]:
+    """The external data files an ONNX artifact's manifest lists (plain names beside it)."""
+    names = manifest.get("artifact", {}).get("external_data", [])
+    if not isinstance(names, list) or not all(
+        isinstance(name, str)
+        and name
+        and "/" not in name
+        and "\\" not in name
+        and name not in (".", "..")
+        for name in names
+    ):
+        raise IntegrityError(
+            f"Artifact {source} lists external data {names!r}; expected plain file names "
+            "beside the model."
+        )
+    return names
 
 
 def savedmodel_content(path: Path) -> dict[str, str]:
@@ -145,10 +175,10 @@ def keras_content(archive: zipfile.ZipFile) -> dict[str, str]:
     return digests
 
 
-def content_of(kind: str, path: Path) -> dict[str, str]:
+def content_of(kind: str, path: Path, external: Sequence[str] = ()) -> dict[str, str]:
     """The content digests of the artifact at ``path`` (the compiler calls this to seal)."""
     if kind == "onnx":
-        return onnx_content(split_onnx(path.read_bytes())[1])
+        return onnx_content(split_onnx(path.read_bytes())[1], path.parent, external)
     if kind == "savedmodel":
         return savedmodel_content(path)
     with zipfile.ZipFile(path) as archive:
@@ -240,7 +270,8 @@ def read_manifest(kind: str, path: Path, *, verify: bool = True) -> dict[str, An
             raise ArtifactError(f"Artifact {path} is not an ONNX model with a fuser manifest.")
         manifest = manifest_lib.loads(text, source)
         if verify:
-            check(manifest, onnx_content(pieces), source)
+            content = onnx_content(pieces, path.parent, external_data(manifest, source))
+            check(manifest, content, source)
         return manifest
     if kind == "savedmodel":
         asset = path / manifest_lib.SAVEDMODEL_ASSET

@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import json
 import math
-import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -333,22 +332,3 @@ def _metadata(model: Any, name: str) -> dict[str, Any]:
         "model_spec": {"name": name, "signature_name": "", "version": VERSION},
         "metadata": {"signature_def": {"signature_def": {"serving_default": signature}}},
     }
-
-
-def serve(
-    path: str | os.PathLike,
-    options: ServeOptions,
-    *,
-    host: str = "127.0.0.1",
-    port: int = 8501,
-    threads: int | None = None,
-    log_level: str = "warning",
-) -> None:
-    """Load the artifact at ``path`` and serve it until interrupted."""
-    import uvicorn
-
-    import runtime
-
-    model = runtime.load(path, threads=threads)
-    app = create_app(model, options)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)

@@ -243,6 +243,21 @@ def test_modes_choose_what_is_stacked():
         fuser.build(members, fusion="fast")
 
 
+def test_auto_keeps_groups_with_large_weights_plain(monkeypatch):
+    import fuser
+    from fuser import stack
+
+    members = build_members(MLP, seed=4)
+    size = sum(member.count_params() for _, member in members) * 4
+    monkeypatch.setattr(stack, "AUTO_MAX_BYTES", size - 1)
+    auto = fuser.build(members)
+    assert auto.fusion.groups == []
+    assert f"(this one: {size / 1e6:,.0f} MB)" in auto.fusion.plain["m1"]
+    assert len(fuser.build(members, fusion="stack").fusion.groups) == 1
+    monkeypatch.setattr(stack, "AUTO_MAX_BYTES", size)
+    assert len(fuser.build(members).fusion.groups) == 1
+
+
 def test_mixed_ensemble_keeps_member_order_and_weights():
     """Two architectures interleaved, plus a lone one: outputs stay in member order."""
 

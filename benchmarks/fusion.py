@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ import numpy as np
 
 from benchmarks.machine import describe_machine
 from benchmarks.measure import Budget, timed_calls
-from benchmarks.members import FAMILIES, random_inputs
+from benchmarks.members import FAMILIES, random_inputs, workdir_or_temporary
 
 CASES = {"mlp": 32, "cnn": 8}
 BATCHES = {"mlp": (1, 256, 4096), "cnn": (1, 64, 1024)}
@@ -201,11 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, help="where members and artifacts go")
     arguments = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    if arguments.workdir is not None:
-        run(arguments.out, quick=arguments.quick, workdir=arguments.workdir)
-    else:
-        with tempfile.TemporaryDirectory(prefix="fuser-fusion-") as directory:
-            run(arguments.out, quick=arguments.quick, workdir=Path(directory))
+    with workdir_or_temporary(arguments.workdir, "fuser-fusion-") as workdir:
+        run(arguments.out, quick=arguments.quick, workdir=workdir)
     return 0
 
 

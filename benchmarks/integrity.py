@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -24,19 +23,9 @@ import numpy as np
 
 from benchmarks.fusion import write_members
 from benchmarks.machine import describe_machine
+from benchmarks.members import wide_mlp, workdir_or_temporary
 
 REPEATS = 7
-
-
-def _wide_member(seed: int, width: int = 2048) -> Any:
-    import keras
-
-    keras.utils.set_random_seed(seed)
-    inputs = keras.Input((64,), name="features")
-    hidden = keras.layers.Dense(width, activation="relu")(inputs)
-    hidden = keras.layers.Dense(width, activation="relu")(hidden)
-    outputs = keras.layers.Dense(10, activation="softmax", name="probabilities")(hidden)
-    return keras.Model(inputs, outputs)
 
 
 def build_artifacts(workdir: Path) -> dict[str, Path]:
@@ -51,7 +40,7 @@ def build_artifacts(workdir: Path) -> dict[str, Path]:
         path = workdir / "wide" / f"wide_{index}.keras"
         path.parent.mkdir(parents=True, exist_ok=True)
         if not path.exists():
-            _wide_member(7000 + index).save(path)
+            wide_mlp(7000 + index, 2048).save(path)
         wide.append(path)
     for count in (4, 8):
         ensemble = fuser.build(wide[:count], fusion="off")
@@ -138,11 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, help="where members and artifacts go")
     arguments = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    if arguments.workdir is not None:
-        run(arguments.out, arguments.workdir)
-    else:
-        with tempfile.TemporaryDirectory(prefix="fuser-integrity-") as directory:
-            run(arguments.out, Path(directory))
+    with workdir_or_temporary(arguments.workdir, "fuser-integrity-") as workdir:
+        run(arguments.out, workdir)
     return 0
 
 

@@ -7,9 +7,11 @@ A member set of size N is the family's first N members, so sets share their file
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -168,3 +170,26 @@ class MemberSet:
             fused_keras_path=Path(data["fused_keras_path"]),
             fused_stacked_onnx_path=Path(data["fused_stacked_onnx_path"]),
         )
+
+
+@contextlib.contextmanager
+def workdir_or_temporary(workdir: Path | None, prefix: str) -> Iterator[Path]:
+    """``workdir`` (created, and kept), or a temporary directory removed afterwards."""
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        yield workdir
+    else:
+        with tempfile.TemporaryDirectory(prefix=prefix) as directory:
+            yield Path(directory)
+
+
+def wide_mlp(seed: int, width: int) -> Any:
+    """An MLP 64 -> width -> width -> 10 (softmax) with seeded random weights: large members."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((64,), name="features")
+    hidden = keras.layers.Dense(width, activation="relu")(inputs)
+    hidden = keras.layers.Dense(width, activation="relu")(hidden)
+    outputs = keras.layers.Dense(10, activation="softmax", name="probabilities")(hidden)
+    return keras.Model(inputs, outputs)

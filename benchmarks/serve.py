@@ -19,7 +19,6 @@ import os
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -29,6 +28,7 @@ import numpy as np
 
 from benchmarks.fusion import write_members
 from benchmarks.machine import describe_machine
+from benchmarks.members import workdir_or_temporary
 
 MEMBERS = 8
 
@@ -209,11 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     arguments = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     options = {"seconds": arguments.seconds, "clients": arguments.clients}
-    if arguments.workdir is not None:
-        run(arguments.out, arguments.workdir, **options)
-    else:
-        with tempfile.TemporaryDirectory(prefix="fuser-serve-") as directory:
-            run(arguments.out, Path(directory), **options)
+    with workdir_or_temporary(arguments.workdir, "fuser-serve-") as workdir:
+        run(arguments.out, workdir, **options)
     return 0
 
 

@@ -187,8 +187,9 @@ def test_fusion_benchmark_compares_stacked_plain_auto_and_one_member(tmp_path):
         for row in family["rows"]:
             for label in ("one_member", "plain", "stacked", "auto", "one_member_1t", "stacked_1t"):
                 assert row[f"{label}_ms"] > 0 and row[f"{label}_calls"] >= 2
+            # Rounded to three decimals in the results.
             assert row["stacked_over_plain"] == pytest.approx(
-                row["stacked_ms"] / row["plain_ms"], rel=1e-2
+                row["stacked_ms"] / row["plain_ms"], rel=1e-2, abs=6e-4
             )
     assert [row["batch"] for row in mlp["rows"]] == [1, 8]
     written = json.loads((tmp_path / "out" / "fusion.json").read_text())

@@ -74,6 +74,7 @@ def build_artifacts(family: str, paths: list[Path], directory: Path) -> dict[str
             "build_seconds": round(time.perf_counter() - started, 2),
             "stacked_groups": [len(group.members) for group in ensemble.fusion.groups],
             "fusion": ensemble.manifest["fusion"],
+            "notes": ensemble.fusion.notes(),
         }
     return artifacts
 
@@ -138,6 +139,7 @@ def run(
             "max_abs_difference_stacked_vs_plain": difference,
             "auto_stacked_groups": artifacts["auto"]["stacked_groups"],
             "auto_reasons": sorted(set(artifacts["auto"]["fusion"]["plain"].values())),
+            "auto_notes": artifacts["auto"]["notes"],
             "stacked_layers": artifacts["stacked"]["fusion"]["groups"][0]["layers"],
             "build_seconds": {label: entry["build_seconds"] for label, entry in artifacts.items()},
             "rows": rows,
@@ -169,9 +171,8 @@ def report(results: dict[str, Any]) -> str:
             "",
             f"Stacked vs plain outputs: max abs difference "
             f"{data['max_abs_difference_stacked_vs_plain']:.2e}. "
-            f"`--fusion auto` stacked groups: {data['auto_stacked_groups'] or 'none'}"
-            + (f" ({'; '.join(data['auto_reasons'])})" if not data["auto_stacked_groups"] else "")
-            + ".",
+            f"`--fusion auto` stacked groups: {data['auto_stacked_groups'] or 'none'}. "
+            + " ".join(data["auto_notes"]),
             "",
             "| batch | one member | plain | stacked | auto | stacked / plain | "
             "stacked / one member | plain / one member | one member, 1 thread | "

@@ -69,9 +69,8 @@ def assemble(
     for member in members:
         if member.name in stacked:
             continue
-        branch = _branch(member, keras)
         branch_outputs = keras.tree.flatten(
-            branch([fused_inputs[name] for name in plan.input_order[member.name]])
+            branch(member)([fused_inputs[name] for name in plan.input_order[member.name]])
         )
         for slot, index in enumerate(plan.output_order[member.name]):
             tensor = ops.expand_dims(ops.cast(branch_outputs[index], "float32"), 1)
@@ -106,7 +105,10 @@ def _in_member_order(blocks: list[tuple[list[int], Any]], ops: Any) -> Any:
     return ops.take(values, inverse, axis=1)
 
 
-def _branch(member: Member, keras: Any) -> Any:
+def branch(member: Member) -> Any:
+    """The member wrapped in a model of its own, unique name (``branch_name``)."""
+    import keras
+
     inputs = [
         keras.Input(shape=spec.shape[1:], dtype=spec.dtype, name=f"{member.name}_{index}")
         for index, spec in enumerate(member.inputs)

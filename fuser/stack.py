@@ -165,9 +165,13 @@ class Group:
     members: list[Member]
     graphs: list[Graph]
     layers: list[dict[str, str]] = field(default_factory=list)
+    measured: Any = None  # fuser.costs.Measurement, when --fusion auto timed the group
 
     def to_manifest(self) -> dict[str, Any]:
-        return {"members": [member.name for member in self.members], "layers": self.layers}
+        record = {"members": [member.name for member in self.members], "layers": self.layers}
+        if self.measured is not None:
+            record["measured"] = self.measured.to_manifest()
+        return record
 
 
 @dataclass
@@ -195,7 +199,10 @@ class FusionPlan:
         lines = []
         for group in self.groups:
             names = ", ".join(member.name for member in group.members)
-            lines.append(f"Stacked {len(group.members)} same-architecture members: {names}.")
+            line = f"Stacked {len(group.members)} same-architecture members: {names}."
+            if group.measured is not None:
+                line += f" Measured, stacked vs plain: {group.measured.describe()}."
+            lines.append(line)
         reasons: dict[str, list[str]] = {}
         for name, reason in self.plain.items():
             reasons.setdefault(reason, []).append(name)
@@ -219,11 +226,8 @@ def plan_fusion(
     """Group isomorphic members and decide which groups to stack.
 
     ``stack`` stacks every group of two or more whose layers all have a lowering;
-    ``auto`` only those measured not to be slower than the plain branches at any batch
-    size on ONNX Runtime (``python -m benchmarks.fusion``): dense groups (MLPs) are
-    faster stacked at every batch size, groups with convolutions or pooling are faster at
-    batch 1 but slower at large batches, so ``auto`` keeps them plain, and groups with more
-    than ``AUTO_MAX_BYTES`` of weights too. ``off`` stacks nothing. The reason for every member left plain is kept.
+    ``auto`` only those that are not slower stacked than as plain branches at any batch
+    size (see ``_auto_keeps_plain``). ``off`` stacks nothing. The reason for every member left plain is kept.
     """
     if mode == "off":
         return FusionPlan(mode, [], {m.name: "fusion is off (--fusion off)." for m in members})
@@ -243,27 +247,64 @@ def plan_fusion(
             ((member, _),) = bucket
             plain[member.name] = "no other member has the same architecture."
             continue
-        spatial = _spatial_layer(bucket[0][1])
-        if mode == "auto" and spatial is not None:
-            for member, _ in bucket:
-                plain[member.name] = (
-                    f"--fusion auto keeps groups with {spatial} layers plain: stacked, they "
-                    "answer batch 1 about 2x faster but large batches up to 1.8x slower "
-                    "(ONNX Runtime's grouped convolution); --fusion stack stacks them."
-                )
+        group = Group([member for member, _ in bucket], [graph for _, graph in bucket])
+        reason = _auto_keeps_plain(group) if mode == "auto" else None
+        if reason is not None:
+            for member in group.members:
+                plain[member.name] = reason
             continue
-        size = sum(member.parameters for member, _ in bucket) * 4
-        if mode == "auto" and size > AUTO_MAX_BYTES:
-            for member, _ in bucket:
-                plain[member.name] = (
-                    f"--fusion auto keeps groups with more than {AUTO_MAX_BYTES // 10**6} MB "
-                    f"of weights plain (this one: {size / 10**6:,.0f} MB): stacked, ONNX "
-                    "Runtime holds about 3x the weights in memory and loads 3x slower, for "
-                    "no speed gain at that size; --fusion stack stacks them."
-                )
-            continue
-        groups.append(Group([member for member, _ in bucket], [graph for _, graph in bucket]))
+        groups.append(group)
     return FusionPlan(mode, groups, plain)
+
+
+def _auto_keeps_plain(group: Group) -> str | None:
+    """Why ``--fusion auto`` keeps ``group`` plain, or None to stack it.
+
+    Up to ``costs.MEASURE_MAX_BYTES`` of weights, both forms are timed here, with ONNX
+    Runtime (``fuser.costs``): which wins depends on the CPU. Above, measuring would
+    cost seconds and gigabytes, and a fixed rule decides, from measurements on two CPUs:
+    dense groups are stacked (1.1 to 1.9x faster at 35 and 138 MB of weights, at every
+    batch size), groups with convolutions or pooling are not (slower at large batches),
+    nor groups over ``AUTO_MAX_BYTES``.
+    """
+    from fuser import costs
+
+    size = sum(member.parameters for member in group.members) * 4
+    if size > AUTO_MAX_BYTES:
+        return (
+            f"--fusion auto keeps groups with more than {AUTO_MAX_BYTES // 10**6} MB of weights "
+            f"plain (this one: {size / 10**6:,.0f} MB): stacked, ONNX Runtime holds about 3x "
+            "the weights in memory and loads 3x slower, for no speed gain at that size; "
+            "--fusion stack stacks them."
+        )
+    if size <= costs.MEASURE_MAX_BYTES:
+        try:
+            measured = costs.measure(group)
+        except Unsupported as reason:
+            return str(reason)
+        except Exception as error:  # converting or running either form failed
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error)
+            return (
+                f"--fusion auto could not time the stacked form ({first}); "
+                "--fusion stack stacks them."
+            )
+        group.measured = measured
+        if measured.stacked_wins:
+            return None
+        losing = ", ".join(map(str, measured.losing_batches))
+        return (
+            f"--fusion auto measured the stacked form slower than plain branches at batch "
+            f"{losing} (ONNX Runtime on this machine, stacked vs plain: "
+            f"{measured.describe()}); --fusion stack stacks them."
+        )
+    spatial = _spatial_layer(group.graphs[0])
+    if spatial is not None:
+        return (
+            f"--fusion auto keeps groups over {costs.MEASURE_MAX_BYTES // 10**6} MB with "
+            f"{spatial} layers plain: stacked, they were measured slower at large batches "
+            "(ONNX Runtime's grouped convolution); --fusion stack stacks them."
+        )
+    return None
 
 
 def _spatial_layer(graph: Graph) -> str | None:

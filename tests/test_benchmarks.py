@@ -180,8 +180,10 @@ def test_fusion_benchmark_compares_stacked_plain_auto_and_one_member(tmp_path):
     )
 
     mlp, cnn = results["families"]["mlp"], results["families"]["cnn"]
-    assert mlp["auto_stacked_groups"] == [3] and cnn["auto_stacked_groups"] == []
-    assert any("Conv2D" in reason for reason in cnn["auto_reasons"])
+    # --fusion auto times both forms on this machine: either choice, with its figures.
+    for family, size in ((mlp, 3), (cnn, 2)):
+        assert family["auto_stacked_groups"] in ([size], [])
+        assert "stacked vs plain: batch 1: " in " ".join(family["auto_notes"])
     for family in (mlp, cnn):
         assert family["max_abs_difference_stacked_vs_plain"] <= 1e-5
         for row in family["rows"]:

@@ -1,0 +1,158 @@
+"""What ``--fusion auto`` measures: a group stacked against its members as plain branches.
+
+Which form is faster depends on the shapes and on the CPU: on one 2-core Intel Xeon VM,
+32 stacked MLPs answered batch 4096 in 0.59 of the plain graph's time; on a 2-core AMD
+EPYC VM the same stacked graph took 1.04 of it, and 8 MLPs 64 -> 256 -> 256 -> 10
+1.13 to 1.2 (``benchmarks/results/amd-epyc``). No fixed rule is right on both. So the
+build times both forms of each group where it runs, with ONNX Runtime (the runtime's
+engine) at batch 1, 256 and a large batch, and stacks the group only if the stacked form
+is not slower at any of them.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from fuser.stack import Group
+
+# Groups with more weights than this are not measured (converting both forms would cost
+# seconds and gigabytes); ``fuser.stack`` decides those by a fixed rule.
+MEASURE_MAX_BYTES = 32_000_000
+# The largest batch measured has at most this many input values (4096 rows of up to
+# 1024 features; 1024 images of 32x32x3).
+_MAX_VALUES = 2**22
+_BATCHES = (1, 256, 4096)
+_SECONDS = 0.2  # per batch size, both forms together, after warm-up
+_MIN_RUNS = 3
+
+
+@dataclass
+class Measurement:
+    """Median latency of the plain and the stacked form, per batch size, in ms."""
+
+    batches: list[int]
+    plain_ms: list[float]
+    stacked_ms: list[float]
+
+    @property
+    def losing_batches(self) -> list[int]:
+        """The batch sizes at which the stacked form was slower."""
+        return [b for b, s, p in zip(self.batches, self.stacked_ms, self.plain_ms) if s > p]
+
+    @property
+    def stacked_wins(self) -> bool:
+        return not self.losing_batches
+
+    def describe(self) -> str:
+        """``batch 1: 0.0266 vs 0.0954 ms, ...``: stacked vs plain."""
+        return ", ".join(
+            f"batch {b}: {s:.3g} vs {p:.3g} ms"
+            for b, s, p in zip(self.batches, self.stacked_ms, self.plain_ms)
+        )
+
+    def to_manifest(self) -> dict[str, Any]:
+        return {
+            "engine": "onnxruntime",
+            "batches": self.batches,
+            "plain_ms": [round(value, 4) for value in self.plain_ms],
+            "stacked_ms": [round(value, 4) for value in self.stacked_ms],
+        }
+
+
+def batches_for(values_per_row: int) -> list[int]:
+    """Batch 1, 256, and the largest of 4096 rows or ``_MAX_VALUES`` input values."""
+    large = 2 ** int(math.log2(max(1, _MAX_VALUES // max(1, values_per_row))))
+    return sorted({1, *(min(b, max(256, large)) for b in _BATCHES[1:])})
+
+
+def measure(group: Group) -> Measurement:
+    """Time ``group`` stacked and as plain branches, in ONNX Runtime on this machine."""
+    import onnxruntime
+
+    specs = group.members[0].inputs
+    sessions = {}
+    for form, model in _models(group).items():
+        data = _to_onnx(model, specs)
+        sessions[form] = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    batches = batches_for(sum(math.prod(spec.shape[1:]) for spec in specs))
+    times: dict[str, list[float]] = {"plain": [], "stacked": []}
+    for batch in batches:
+        feeds = {
+            f"input_{index}:0": rng.normal(size=(batch, *spec.shape[1:])).astype(spec.dtype)
+            for index, spec in enumerate(specs)
+        }
+        for session in sessions.values():  # warm-up
+            session.run(None, feeds)
+        runs: dict[str, list[float]] = {form: [] for form in sessions}
+        deadline = time.perf_counter() + _SECONDS
+        while time.perf_counter() < deadline or min(map(len, runs.values())) < _MIN_RUNS:
+            for form, session in sessions.items():  # alternated: drift hits both alike
+                started = time.perf_counter()
+                session.run(None, feeds)
+                runs[form].append(time.perf_counter() - started)
+        for form, values in runs.items():
+            times[form].append(float(np.median(values)) * 1e3)
+    return Measurement(batches, times["plain"], times["stacked"])
+
+
+def _models(group: Group) -> dict[str, Any]:
+    """The group as one Keras model each way: stacked, and its members side by side."""
+    import keras
+    from keras import ops
+
+    from fuser import fuse, stack
+
+    specs = group.members[0].inputs
+    inputs = [
+        keras.Input(shape=spec.shape[1:], dtype=spec.dtype, name=f"input_{index}")
+        for index, spec in enumerate(specs)
+    ]
+    stacked = stack.lower(group, inputs, prefix="measured")
+    per_member = [keras.tree.flatten(fuse.branch(member)(inputs)) for member in group.members]
+    plain = [
+        ops.stack([outputs[index] for outputs in per_member], axis=1)
+        for index in range(len(per_member[0]))
+    ]
+    return {
+        "plain": keras.Model(inputs, [ops.cast(value, "float32") for value in plain]),
+        "stacked": keras.Model(inputs, [ops.cast(value, "float32") for value in stacked]),
+    }
+
+
+def _to_onnx(model: Any, specs: Any) -> bytes:
+    """``model`` frozen and converted as the ONNX writer does (``fuser.export``)."""
+    import tensorflow as tf
+    import tf2onnx
+    from tensorflow.python.framework.convert_to_constants import (
+        convert_variables_to_constants_v2,
+    )
+
+    from fuser._tf import python_logs_quiet
+    from fuser.export import DEFAULT_OPSET
+    from runtime._keras import native_grouped_convolutions
+
+    signature = [
+        tf.TensorSpec(spec.shape, tf.as_dtype(spec.dtype), name=f"input_{index}")
+        for index, spec in enumerate(specs)
+    ]
+
+    @tf.function(input_signature=signature)
+    def serve(*tensors):
+        return model(list(tensors), training=False)
+
+    with python_logs_quiet("tensorflow", "tf2onnx"), native_grouped_convolutions():
+        frozen = convert_variables_to_constants_v2(serve.get_concrete_function())
+        converted, _ = tf2onnx.convert.from_graph_def(
+            frozen.graph.as_graph_def(),
+            input_names=[f"input_{index}:0" for index in range(len(specs))],
+            output_names=[tensor.name for tensor in frozen.outputs],
+            opset=DEFAULT_OPSET,
+        )
+    return converted.SerializeToString()

@@ -5,18 +5,20 @@ Which form is faster depends on the shapes and on the CPU: on one 2-core Intel X
 EPYC VM the same stacked graph took 1.04 of it, and 8 MLPs 64 -> 256 -> 256 -> 10
 1.13 to 1.2 (``benchmarks/results/amd-epyc``). No fixed rule is right on both. So the
 build times both forms of each group where it runs, with ONNX Runtime (the runtime's
-engine) at batch 1, 256 and a large batch, and stacks the group only if the stacked form
-is not slower at any of them.
+engine) at batch 1, 8, 64, 256 and a large batch, and stacks the group only if the
+stacked form is not slower at any of them.
 """
 
 from __future__ import annotations
 
+import json
 import math
-import time
+import subprocess
+import sys
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import numpy as np
 
 if TYPE_CHECKING:
     from fuser.stack import Group
@@ -27,14 +29,17 @@ MEASURE_MAX_BYTES = 32_000_000
 # The largest batch measured has at most this many input values (4096 rows of up to
 # 1024 features; 1024 images of 32x32x3).
 _MAX_VALUES = 2**22
-_BATCHES = (1, 256, 4096)
-_SECONDS = 0.2  # per batch size, both forms together, after warm-up
-_MIN_RUNS = 3
+# Stacked convolutions lost most at middling batches (1.5x at 64 rows of 32x32x3 images,
+# par at 1024), stacked dense layers at large ones: so the sizes in between are timed too.
+_BATCHES = (1, 8, 64, 256, 4096)
+_SECONDS = 0.2  # per batch size and form, after warm-up (two rounds of half)
+_MIN_RUNS = 3  # per round
+_TIMEOUT_SECONDS = 300
 
 
 @dataclass
 class Measurement:
-    """Median latency of the plain and the stacked form, per batch size, in ms."""
+    """The fastest call of the plain and the stacked form, per batch size, in ms."""
 
     batches: list[int]
     plain_ms: list[float]
@@ -66,39 +71,47 @@ class Measurement:
 
 
 def batches_for(values_per_row: int) -> list[int]:
-    """Batch 1, 256, and the largest of 4096 rows or ``_MAX_VALUES`` input values."""
+    """``_BATCHES``, the largest cut to ``_MAX_VALUES`` input values (but at least 256)."""
     large = 2 ** int(math.log2(max(1, _MAX_VALUES // max(1, values_per_row))))
-    return sorted({1, *(min(b, max(256, large)) for b in _BATCHES[1:])})
+    return sorted({*_BATCHES[:-1], min(_BATCHES[-1], max(256, large))})
 
 
 def measure(group: Group) -> Measurement:
-    """Time ``group`` stacked and as plain branches, in ONNX Runtime on this machine."""
-    import onnxruntime
+    """Time ``group`` stacked and as plain branches, in ONNX Runtime on this machine.
 
+    Both forms are converted here and timed in a fresh Python process that imports only
+    numpy and onnxruntime (``fuser/_timing.py``), as a serving process would run them.
+    """
     specs = group.members[0].inputs
-    sessions = {}
-    for form, model in _models(group).items():
-        data = _to_onnx(model, specs)
-        sessions[form] = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(0)
     batches = batches_for(sum(math.prod(spec.shape[1:]) for spec in specs))
-    times: dict[str, list[float]] = {"plain": [], "stacked": []}
-    for batch in batches:
-        feeds = {
-            f"input_{index}:0": rng.normal(size=(batch, *spec.shape[1:])).astype(spec.dtype)
-            for index, spec in enumerate(specs)
+    with tempfile.TemporaryDirectory(prefix="fuser-timing-") as directory:
+        models = {}
+        for form, model in _models(group).items():
+            models[form] = str(Path(directory) / f"{form}.onnx")
+            Path(models[form]).write_bytes(_to_onnx(model, specs))
+        request = {
+            "models": models,
+            "inputs": [
+                {"name": f"input_{index}:0", "shape": list(spec.shape[1:]), "dtype": spec.dtype}
+                for index, spec in enumerate(specs)
+            ],
+            "batches": batches,
+            "seconds": _SECONDS,
+            "min_runs": _MIN_RUNS,
         }
-        for session in sessions.values():  # warm-up
-            session.run(None, feeds)
-        runs: dict[str, list[float]] = {form: [] for form in sessions}
-        deadline = time.perf_counter() + _SECONDS
-        while time.perf_counter() < deadline or min(map(len, runs.values())) < _MIN_RUNS:
-            for form, session in sessions.items():  # alternated: drift hits both alike
-                started = time.perf_counter()
-                session.run(None, feeds)
-                runs[form].append(time.perf_counter() - started)
-        for form, values in runs.items():
-            times[form].append(float(np.median(values)) * 1e3)
+        request_path = Path(directory) / "request.json"
+        request_path.write_text(json.dumps(request))
+        script = Path(__file__).with_name("_timing.py")
+        done = subprocess.run(
+            [sys.executable, str(script), str(request_path)],
+            capture_output=True,
+            text=True,
+            timeout=_TIMEOUT_SECONDS,
+        )
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines()
+        raise RuntimeError(lines[-1] if lines else f"timing exited with {done.returncode}")
+    times = json.loads(done.stdout.strip().splitlines()[-1])["ms"]
     return Measurement(batches, times["plain"], times["stacked"])
 
 

@@ -272,11 +272,11 @@ def test_auto_times_both_forms_with_onnx_runtime(spec):
 
     (group,) = fuser.build(build_members(spec, seed=4), fusion="stack").fusion.groups
     measured = costs.measure(group)
-    assert measured.batches == [1, 256, 4096]  # 6x6x2 images: 4096 rows are 0.3 M values
+    assert measured.batches == [1, 8, 64, 256, 4096]  # 6x6x2 images: 4096 rows, 0.3 M values
     assert all(value > 0 for value in [*measured.plain_ms, *measured.stacked_ms])
     assert measured.stacked_wins == (measured.losing_batches == [])
-    assert costs.batches_for(32 * 32 * 3) == [1, 256, 1024]
-    assert costs.batches_for(10**7) == [1, 256]
+    assert costs.batches_for(32 * 32 * 3) == [1, 8, 64, 256, 1024]
+    assert costs.batches_for(10**7) == [1, 8, 64, 256]
 
 
 def test_above_the_measured_size_a_fixed_rule_decides(monkeypatch):

@@ -32,7 +32,7 @@ _MAX_VALUES = 2**22
 # Stacked convolutions lost most at middling batches (1.5x at 64 rows of 32x32x3 images,
 # par at 1024), stacked dense layers at large ones: so the sizes in between are timed too.
 _BATCHES = (1, 8, 64, 256, 4096)
-_SECONDS = 0.2  # per batch size and form, after warm-up (two rounds of half)
+_SECONDS = 0.12  # per batch size and form, after warm-up (two rounds of half)
 _MIN_RUNS = 3  # per round
 _TIMEOUT_SECONDS = 300
 

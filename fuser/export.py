@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import os
+import re
 import shutil
 import uuid
 import zipfile
@@ -102,6 +103,8 @@ def write(ensemble: Ensemble, path: Path, *, force: bool = False, opset: int | N
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path.parent)
     temporary = path.parent / f"{TEMPORARY_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}-{path.name}"
+    # Named now: whatever fails after the writer made it, the data file goes too.
+    data_file = path.parent / _external_data_name(temporary)
     external: list[str] = []
     placed = False
     try:
@@ -130,8 +133,7 @@ def write(ensemble: Ensemble, path: Path, *, force: bool = False, opset: int | N
     finally:
         _remove(temporary)
         if not placed:
-            for name in external:
-                _remove(path.parent / name)
+            _remove(data_file)
     if kind == "onnx":
         _remove_unused_data(path, keep=external)
     ensemble.reporter.note(f"Wrote {path} ({kind}, max abs error {error:.2e} against the members).")
@@ -186,19 +188,19 @@ def _write_onnx(ensemble: Ensemble, path: Path, opset: int) -> dict[str, Any]:
             location = _external_data_name(path)
             _store_weights(model, weights, path.parent / location, location)
             details["external_data"] = [location]
-            onnx.save(model, str(path))
-            onnx.checker.check_model(str(path), full_check=True)
-            return details
-    onnx.checker.check_model(model, full_check=True)
     onnx.save(model, str(path))
+    # By path: a model with external data is checked with its data file.
+    onnx.checker.check_model(str(path), full_check=True)
     return details
 
 
 def _external_data_name(temporary: Path) -> str:
-    """``.NAME.TOKEN.data`` for the artifact NAME: hidden, and unique to this build."""
-    pid_token_name = temporary.name[len(TEMPORARY_PREFIX) :]
-    _, token, final_name = pid_token_name.split("-", 2)
-    return f".{final_name}.{token}.data"
+    """``.NAME.PID-TOKEN.data`` for the artifact NAME: hidden, and unique to this build.
+
+    Its parts are those of the build's temporary, ``.fuser-tmp-PID-TOKEN-NAME``.
+    """
+    pid, token, final_name = temporary.name[len(TEMPORARY_PREFIX) :].split("-", 2)
+    return f".{final_name}.{pid}-{token}.data"
 
 
 def _fold_weight_transposes(graph: Any, weights: dict[str, Any]) -> None:
@@ -236,10 +238,10 @@ def _fold_weight_transposes(graph: Any, weights: dict[str, Any]) -> None:
 def _store_weights(model: Any, weights: dict[str, Any], data: Path | None, location: str) -> None:
     """Make the weights (graph inputs of ``model`` until now) initializers.
 
-    With ``data`` None they go inside the model. Else every large tensor goes to the file
-    ``data`` (named ``location`` in the model), aligned to 4 KiB: the weights and any other
-    large initializer (the frozen weights of a SavedModel member, say); small ones stay
-    inline. The weights are written straight from their arrays, never through a
+    With ``data`` None they go inside the model. Else every weight goes to the file
+    ``data`` (named ``location`` in the model), aligned to 4 KiB, and so does every other
+    initializer of at least 1 KB (the frozen weights of a SavedModel member, say); smaller
+    initializers stay inline. The weights are written straight from their arrays, never through a
     ``TensorProto``'s bytes: a stacked layer of many members can be one tensor over 2 GB.
     """
     import onnx
@@ -285,7 +287,7 @@ def _store_weights(model: Any, weights: dict[str, Any], data: Path | None, locat
 
 
 def _convert_to_onnx(ensemble: Ensemble, opset: int, tf: Any, tf2onnx: Any) -> tuple:
-    """Freeze the serving function and convert it.
+    """Convert the serving function: frozen, or with the weights as inputs when large.
 
     Returns:
         ``(model, outputs, inputs, weights)``: the ONNX model, the output and input tensor
@@ -431,9 +433,18 @@ def _check_seal(kind: str, temporary: Path, path: Path) -> None:
 
 
 def _remove_unused_data(path: Path, keep: Sequence[str]) -> None:
-    """Remove the external data of this output's previous artifact, and of builds that died."""
+    """Remove the external data of this output's previous artifacts and of dead builds.
+
+    Data files of builds to the same output still running in other processes are kept:
+    they are not placed yet (the last build to place its model wins, as for the model).
+    """
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)-[0-9a-f]{{8}}\.data")
     for entry in path.parent.glob(f".{glob_escape(path.name)}.*.data"):
-        if entry.name not in keep:
+        match = pattern.fullmatch(entry.name)
+        if match is None or entry.name in keep:
+            continue
+        pid = int(match.group(1))
+        if pid == os.getpid() or not _alive(pid):
             _remove(entry)
 
 

@@ -161,7 +161,7 @@ def export_triton(
         shutil.copyfile(artifact, staging / "1" / "model.onnx")
         # Weights over 2 GB live beside the model, found by their (unchanged) names.
         for data in manifest["artifact"].get("external_data", []):
-            shutil.copyfile(artifact.parent / data, staging / "1" / data)
+            shutil.copyfile(artifact.resolve().parent / data, staging / "1" / data)
         (staging / "config.pbtxt").write_text(config)
         _place(staging, target)
     finally:

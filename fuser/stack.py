@@ -227,7 +227,8 @@ def plan_fusion(
 
     ``stack`` stacks every group of two or more whose layers all have a lowering;
     ``auto`` only those that are not slower stacked than as plain branches at any batch
-    size (see ``_auto_keeps_plain``). ``off`` stacks nothing. The reason for every member left plain is kept.
+    size (see ``_auto_keeps_plain``). ``off`` stacks nothing. The reason for every member
+    left plain is kept.
     """
     if mode == "off":
         return FusionPlan(mode, [], {m.name: "fusion is off (--fusion off)." for m in members})

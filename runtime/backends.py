@@ -83,9 +83,6 @@ def open_backend(
     return opener(Path(path), read_manifest=read_manifest, verify=verify)
 
 
-_EXTERNAL_DATA_KEY = b"\x0a\x08location"  # TensorProto.external_data entry {key: "location"}
-
-
 class OnnxBackend:
     """ONNX Runtime on the CPU. ``InferenceSession.run`` is safe to call from many threads."""
 
@@ -97,39 +94,58 @@ class OnnxBackend:
         verify: bool = True,
         threads: int | None = None,
     ) -> None:
-        import onnxruntime
-
         self.path = path
-        # Read once: the bytes that are checked are the bytes ONNX Runtime parses.
-        data = path.read_bytes()
-        text, pieces = integrity.split_onnx(data)
-        self.manifest = None
-        if read_manifest and text is not None:
-            self.manifest = manifest_lib.loads(text, str(path))
-            if verify:
-                external = integrity.external_data(self.manifest, str(path))
-                content = integrity.onnx_content(pieces, path.parent, external)
-                integrity.check(self.manifest, content, str(path))
-        options = onnxruntime.SessionOptions()
-        if threads is not None:
-            options.intra_op_num_threads = threads
-        # Weights in external data files (artifacts over 2 GB) are found relative to the
-        # model's path, so such a model is opened by path; its files were checked above.
-        source = str(path) if _EXTERNAL_DATA_KEY in data else data
-        try:
-            self.session = onnxruntime.InferenceSession(
-                source, options, providers=["CPUExecutionProvider"]
-            )
-        except Exception as error:  # onnxruntime raises its own untyped errors
-            raise ArtifactError(
-                f"Artifact {path} could not be opened by ONNX Runtime: {_first_line(error)}"
-            ) from None
+        # A model replaced while it loads (``fuser build --force``: a new model, and its
+        # new external data file, the old one removed) is read again, once.
+        for attempt in range(2):
+            before = _identity(path)
+            try:
+                self._open(path.read_bytes(), read_manifest, verify, threads)
+                break
+            except ArtifactError:
+                if attempt or _identity(path) == before:
+                    raise
         self.output_names = [output.name for output in self.session.get_outputs()]
         if read_manifest and self.manifest is None:
             raise ArtifactError(
                 f"Artifact {path} is an ONNX model without a fuser manifest "
                 f"(metadata '{manifest_lib.ONNX_METADATA_KEY}'); build it with fuser."
             )
+
+    def _open(self, data: bytes, read_manifest: bool, verify: bool, threads: int | None) -> None:
+        """Check ``data`` (the model file's bytes) against its seal and parse it."""
+        import onnxruntime
+
+        path = self.path
+        # External data files lie beside the model itself, also when it is reached
+        # through a symbolic link.
+        directory = path.resolve().parent
+        text, pieces = integrity.split_onnx(data)
+        self.manifest = None
+        if read_manifest and text is not None:
+            self.manifest = manifest_lib.loads(text, str(path))
+            if verify:
+                external = integrity.external_data(self.manifest, str(path))
+                content = integrity.onnx_content(pieces, directory, external)
+                integrity.check(self.manifest, content, str(path))
+        options = onnxruntime.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        # The model is parsed from the bytes checked above, never reopened. External data
+        # files are read by ONNX Runtime from the folder after their check: a file that
+        # someone swaps in between goes unnoticed (the seal detects damage and edits at
+        # rest; it is not a signature, and whoever can write the folder can re-seal).
+        options.add_session_config_entry(
+            "session.model_external_initializers_file_folder_path", str(directory)
+        )
+        try:
+            self.session = onnxruntime.InferenceSession(
+                data, options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as error:  # onnxruntime raises its own untyped errors
+            raise ArtifactError(
+                f"Artifact {path} could not be opened by ONNX Runtime: {_first_line(error)}"
+            ) from None
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         values = self.session.run(self.output_names, feeds)
@@ -216,6 +232,15 @@ class KerasBackend:
         with native_grouped_convolutions():
             outputs = self._function(feeds)
         return {name: tensor.numpy() for name, tensor in outputs.items()}
+
+
+def _identity(path: Path) -> tuple[int, ...] | None:
+    """What changes when a file is replaced or rewritten; None if it is gone."""
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
 
 
 def _first_line(error: BaseException) -> str:

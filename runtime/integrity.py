@@ -270,7 +270,7 @@ def read_manifest(kind: str, path: Path, *, verify: bool = True) -> dict[str, An
             raise ArtifactError(f"Artifact {path} is not an ONNX model with a fuser manifest.")
         manifest = manifest_lib.loads(text, source)
         if verify:
-            content = onnx_content(pieces, path.parent, external_data(manifest, source))
+            content = onnx_content(pieces, path.resolve().parent, external_data(manifest, source))
             check(manifest, content, source)
         return manifest
     if kind == "savedmodel":

@@ -110,14 +110,63 @@ def test_replacing_an_artifact_removes_its_old_data_and_triton_gets_both_files(
     np.testing.assert_allclose(copied.predict(features), runtime.load(path).predict(features))
 
 
-def test_a_failed_build_leaves_no_data_file(external, members_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("stage", ["verification", "seal"])
+def test_a_failed_build_leaves_no_data_file(external, members_dir, tmp_path, monkeypatch, stage):
     def fail(*args, **kwargs):
         raise fuser.VerificationError("made to fail")
 
-    monkeypatch.setattr(export, "_check_seal", fail)
+    ensemble = fuser.build([members_dir / "a.keras"])
+    if stage == "verification":  # the artifact disagrees with the members
+        monkeypatch.setattr(type(ensemble), "check", fail)
+    else:
+        monkeypatch.setattr(export, "_check_seal", fail)
     with pytest.raises(fuser.VerificationError):
-        fuser.build([members_dir / "a.keras"]).save(tmp_path / "e.onnx")
+        ensemble.save(tmp_path / "e.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_building_one_artifact_keeps_the_data_of_another_with_a_longer_name(
+    external, members_dir, tmp_path
+):
+    members = [members_dir / "a.keras"]
+    longer = fuser.build(members).save(tmp_path / "e.onnx.v2.onnx")
+    fuser.build(members).save(tmp_path / "e.onnx")
+    runtime.load(longer)  # its data file is still there
+    assert len(_data_files(tmp_path)) == 2
+
+
+def test_a_symbolic_link_to_the_model_loads_and_exports(external, members_dir, tmp_path, features):
+    path = fuser.build([members_dir / "a.keras"]).save(tmp_path / "v3" / "e.onnx")
+    link = tmp_path / "current.onnx"
+    link.symlink_to(path)
+    np.testing.assert_array_equal(
+        runtime.load(link).predict(features), runtime.load(path).predict(features)
+    )
+    model_dir = export_triton(link, tmp_path / "repo", name="e")
+    assert len(list((model_dir / "1").iterdir())) == 2
+
+
+def test_a_model_replaced_while_it_loads_is_read_again(
+    external, members_dir, tmp_path, monkeypatch, features
+):
+    members = [members_dir / "a.keras"]
+    path = fuser.build(members).save(tmp_path / "e.onnx")
+    replacement = fuser.build(members, head="median")
+    from runtime import backends
+
+    opened = backends.OnnxBackend._open
+    calls = []
+
+    def replace_then_open(self, data, *args):
+        if self.path == path:  # the reader's (the writer checks its temporary too)
+            calls.append(1)
+            if len(calls) == 1:  # a rebuild lands after this reader read the old model
+                replacement.save(path, force=True)
+        return opened(self, data, *args)
+
+    monkeypatch.setattr(backends.OnnxBackend, "_open", replace_then_open)
+    model = runtime.load(path)
+    assert len(calls) == 2 and model.manifest["head"]["name"] == "median"
 
 
 def test_large_weights_convert_as_inputs_and_stay_in_one_file(

@@ -127,8 +127,9 @@ def _parser() -> argparse.ArgumentParser:
         "--fusion",
         choices=("auto", "off", "stack"),
         default="auto",
-        help="stack same-architecture members into one computation: auto (where measured "
-        "faster at every batch size), stack (wherever possible), off (default: auto)",
+        help="stack same-architecture members into one computation: auto (where timed on "
+        "this machine not slower at any batch size), stack (wherever possible), off "
+        "(default: auto)",
     )
     build.add_argument("--jobs", type=int, help="members loaded at once (default: one per core)")
     build.add_argument("--xla", action="store_true", help="compile the fused function with XLA")
@@ -391,6 +392,15 @@ def describe_manifest(manifest: dict[str, Any], source: str, *, verified: bool =
             f"stacked    {len(group['members'])} members ({', '.join(group['members'])}), "
             f"fusion {fusion.get('mode', '?')}"
         )
+        measured = group.get("measured")
+        if measured:
+            figures = ", ".join(
+                f"batch {b}: {stacked:.3g} vs {plain:.3g} ms"
+                for b, stacked, plain in zip(
+                    measured["batches"], measured["stacked_ms"], measured["plain_ms"]
+                )
+            )
+            lines.append(f"             timed, stacked vs plain: {figures}")
         for layer in group["layers"]:
             lines.append(f"             {layer['layer']} ({layer['type']}): {layer['lowering']}")
     for name, reason in (fusion.get("plain") or {}).items():

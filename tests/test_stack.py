@@ -249,6 +249,11 @@ def test_modes_choose_what_is_stacked(monkeypatch):
         "plain_ms": [0.05, 0.2, 10.0],
         "stacked_ms": [0.03, 0.1, 9.9],
     }
+    assert "Measured, stacked vs plain: batch 1: 0.03 vs 0.05 ms" in auto.fusion.notes()[0]
+    from fuser.cli import describe_manifest
+
+    shown = describe_manifest({**auto.manifest, "artifact": {"format": "onnx"}}, "fused.onnx")
+    assert "timed, stacked vs plain: batch 1: 0.03 vs 0.05 ms, batch 256: 0.1 vs 0.2 ms" in shown
     off = fuser.build(members, fusion="off")
     assert off.fusion.groups == [] and set(off.fusion.plain) == {"m0", "m1", "m2"}
     cnn = build_members(CNN, seed=4)

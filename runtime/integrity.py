@@ -205,13 +205,11 @@ def seal(manifest: dict[str, Any], content: dict[str, str]) -> None:
     manifest["integrity"]["manifest"] = manifest_digest(manifest)
 
 
-def check(manifest: dict[str, Any], content: dict[str, str], source: str) -> None:
-    """Raise ``IntegrityError`` unless ``content`` and ``manifest`` match the recorded seal.
+def check_manifest(manifest: dict[str, Any], source: str) -> dict[str, Any]:
+    """Check the manifest against its own digest; return its integrity record.
 
-    Args:
-        manifest: the manifest read from the artifact (already checked for shape).
-        content: the digests computed from the artifact as it is now.
-        source: the artifact's path, for messages.
+    Done before any file the manifest names is read, so that an edited manifest cannot
+    have the runtime hash files it chose.
     """
     record = manifest.get("integrity")
     if record is None:
@@ -234,6 +232,18 @@ def check(manifest: dict[str, Any], content: dict[str, str], source: str) -> Non
             f"Artifact {source}: its manifest does not match the SHA-256 it was sealed with; "
             "the artifact was modified or damaged. Rebuild it or restore a good copy."
         )
+    return record
+
+
+def check(manifest: dict[str, Any], content: dict[str, str], source: str) -> None:
+    """Raise ``IntegrityError`` unless ``content`` and ``manifest`` match the recorded seal.
+
+    Args:
+        manifest: the manifest read from the artifact (already checked for shape).
+        content: the digests computed from the artifact as it is now.
+        source: the artifact's path, for messages.
+    """
+    record = check_manifest(manifest, source)
     expected = record["content"]
     missing = sorted(set(expected) - set(content))
     unexpected = sorted(set(content) - set(expected))
@@ -270,6 +280,7 @@ def read_manifest(kind: str, path: Path, *, verify: bool = True) -> dict[str, An
             raise ArtifactError(f"Artifact {path} is not an ONNX model with a fuser manifest.")
         manifest = manifest_lib.loads(text, source)
         if verify:
+            check_manifest(manifest, source)  # before reading the files it lists
             content = onnx_content(pieces, path.resolve().parent, external_data(manifest, source))
             check(manifest, content, source)
         return manifest

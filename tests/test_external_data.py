@@ -182,3 +182,26 @@ def test_large_weights_convert_as_inputs_and_stay_in_one_file(
     assert "external_data" not in model.manifest["artifact"]
     assert [spec.name for spec in model.inputs] == ["features"]
     np.testing.assert_allclose(model.predict(features), member_mean(members, features), atol=1e-5)
+
+
+def test_an_edited_list_of_data_files_is_refused_before_any_is_read(
+    external, members_dir, tmp_path, monkeypatch
+):
+    path = fuser.build([members_dir / "a.keras"]).save(tmp_path / "e.onnx")
+    (tmp_path / "secret").write_text("not a weight")
+    from runtime import integrity
+    from runtime import manifest as manifest_lib
+
+    manifest = integrity.read_manifest("onnx", path)
+    manifest["artifact"]["external_data"].append("secret")
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    (entry,) = [e for e in model.metadata_props if e.key == manifest_lib.ONNX_METADATA_KEY]
+    entry.value = manifest_lib.dumps(manifest)
+    onnx.save(model, str(path))
+    hashed = []
+    monkeypatch.setattr(integrity, "sha256_file", lambda p: hashed.append(p.name) or "0")
+    with pytest.raises(IntegrityError, match="its manifest does not match"):
+        runtime.load(path)
+    assert hashed == []

@@ -26,9 +26,12 @@ if TYPE_CHECKING:
 # Groups with more weights than this are not measured (converting both forms would cost
 # seconds and gigabytes); ``fuser.stack`` decides those by a fixed rule.
 MEASURE_MAX_BYTES = 32_000_000
-# The largest batch measured has at most this many input values (4096 rows of up to
-# 1024 features; 1024 images of 32x32x3).
+# The largest batch measured has at most this many input values times members (4096
+# rows of 32 members with 32 features; 128 rows of 8 members with 32x32x3 images): the
+# stacked activations grow with both, and must fit in memory.
 _MAX_VALUES = 2**22
+# Stacked counts as slower only beyond this: within it, repeated builds disagreed.
+MARGIN = 0.05
 # Stacked convolutions lost most at middling batches (1.5x at 64 rows of 32x32x3 images,
 # par at 1024), stacked dense layers at large ones: so the sizes in between are timed too.
 _BATCHES = (1, 8, 64, 256, 4096)
@@ -47,8 +50,13 @@ class Measurement:
 
     @property
     def losing_batches(self) -> list[int]:
-        """The batch sizes at which the stacked form was slower."""
-        return [b for b, s, p in zip(self.batches, self.stacked_ms, self.plain_ms) if s > p]
+        """The batch sizes at which the stacked form was slower, by more than ``MARGIN``
+        (closer than that, two runs disagreed on which one was faster)."""
+        return [
+            b
+            for b, s, p in zip(self.batches, self.stacked_ms, self.plain_ms)
+            if s > p * (1 + MARGIN)
+        ]
 
     @property
     def stacked_wins(self) -> bool:
@@ -70,10 +78,11 @@ class Measurement:
         }
 
 
-def batches_for(values_per_row: int) -> list[int]:
-    """``_BATCHES``, the largest cut to ``_MAX_VALUES`` input values (but at least 256)."""
-    large = 2 ** int(math.log2(max(1, _MAX_VALUES // max(1, values_per_row))))
-    return sorted({*_BATCHES[:-1], min(_BATCHES[-1], max(256, large))})
+def batches_for(values_per_row: int, members: int = 1) -> list[int]:
+    """``_BATCHES`` up to ``_MAX_VALUES`` input values times members, and that largest."""
+    largest = 2 ** int(math.log2(max(1, _MAX_VALUES // max(1, values_per_row * members))))
+    largest = min(largest, _BATCHES[-1])
+    return sorted({*(b for b in _BATCHES if b <= largest), largest})
 
 
 def measure(group: Group) -> Measurement:
@@ -83,7 +92,8 @@ def measure(group: Group) -> Measurement:
     numpy and onnxruntime (``fuser/_timing.py``), as a serving process would run them.
     """
     specs = group.members[0].inputs
-    batches = batches_for(sum(math.prod(spec.shape[1:]) for spec in specs))
+    values_per_row = sum(math.prod(spec.shape[1:]) for spec in specs)
+    batches = batches_for(values_per_row, len(group.members))
     with tempfile.TemporaryDirectory(prefix="fuser-timing-") as directory:
         models = {}
         for form, model in _models(group).items():
@@ -103,7 +113,8 @@ def measure(group: Group) -> Measurement:
         request_path.write_text(json.dumps(request))
         script = Path(__file__).with_name("_timing.py")
         done = subprocess.run(
-            [sys.executable, str(script), str(request_path)],
+            # -P: fuser/ (the script's folder) must not shadow modules of the same name.
+            [sys.executable, "-P", str(script), str(request_path)],
             capture_output=True,
             text=True,
             timeout=_TIMEOUT_SECONDS,

@@ -165,7 +165,8 @@ def build(
             )
     else:
         _check_head(head, len(loaded), wiring, tasks)
-    fusion_plan = plan_fusion(loaded, wiring.input_order, wiring.output_order, fusion)
+    with reporter.task("Choosing which same-architecture members to stack"):
+        fusion_plan = plan_fusion(loaded, wiring.input_order, wiring.output_order, fusion)
     kept_nonfinite = {
         member.name: nonfinite[member.name] for member in loaded if member.name in nonfinite
     }  # --select may have dropped some members

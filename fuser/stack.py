@@ -283,12 +283,9 @@ def _auto_keeps_plain(group: Group) -> str | None:
             measured = costs.measure(group)
         except Unsupported as reason:
             return str(reason)
-        except Exception as error:  # converting or running either form failed
-            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error)
-            return (
-                f"--fusion auto could not time the stacked form ({first}); "
-                "--fusion stack stacks them."
-            )
+        except Exception as error:  # converting or timing either form failed
+            lines = str(error).strip().splitlines() or [type(error).__name__]
+            return f"--fusion auto could not time the two forms, so they stay plain: {lines[-1]}"
         group.measured = measured
         if measured.stacked_wins:
             return None
@@ -332,6 +329,11 @@ def trace(member: Member) -> Graph:
         id(tensor): ("input", index, 0) for index, tensor in enumerate(functional.inputs)
     }
     for spec in member.inputs:
+        if spec.dtype != "float32":
+            raise Unsupported(
+                f"{member.describe()} takes input {spec.name!r} of dtype {spec.dtype}; "
+                "stacking supports float32 inputs."
+            )
         if any(dim is None for dim in spec.shape[1:]):
             raise Unsupported(
                 f"{member.describe()} takes input {spec.name!r} of shape {spec.shape}; "
@@ -466,6 +468,7 @@ class _Lowering:
         self.size = len(group.members)
         self.prefix = prefix
         self.records: list[dict[str, str]] = []
+        self.names: set[str] = set()
 
     # layouts ----------------------------------------------------------------------------
 
@@ -514,7 +517,15 @@ class _Lowering:
     # helpers ----------------------------------------------------------------------------
 
     def name(self, layer: Any, suffix: str = "") -> str:
-        return f"{self.prefix}_{layer.name}{suffix}"
+        """A new layer's name, unique in the model (a member may have layers ``d`` and
+        ``d_activation``, and ``d``'s activation becomes a layer of its own)."""
+        base = name = f"{self.prefix}_{layer.name}{suffix}"
+        count = 1
+        while name in self.names:
+            count += 1
+            name = f"{base}_{count}"
+        self.names.add(name)
+        return name
 
     def record(self, layer: Any, lowering: str, why: str) -> None:
         self.records.append(

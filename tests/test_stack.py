@@ -257,13 +257,13 @@ def test_modes_choose_what_is_stacked(monkeypatch):
     off = fuser.build(members, fusion="off")
     assert off.fusion.groups == [] and set(off.fusion.plain) == {"m0", "m1", "m2"}
     cnn = build_members(CNN, seed=4)
-    _timed(monkeypatch, [0.05, 0.2, 10.0], [0.03, 0.25, 10.5])
+    _timed(monkeypatch, [0.05, 0.2, 10.0], [0.03, 0.25, 10.6])
     auto = fuser.build(cnn, fusion="auto")
     assert auto.fusion.groups == []
     assert auto.fusion.plain["m0"].startswith(
         "--fusion auto measured the stacked form slower than plain branches at batch 256, 4096 "
         "(ONNX Runtime on this machine, stacked vs plain: batch 1: 0.03 vs 0.05 ms, "
-        "batch 256: 0.25 vs 0.2 ms, batch 4096: 10.5 vs 10 ms)"
+        "batch 256: 0.25 vs 0.2 ms, batch 4096: 10.6 vs 10 ms)"
     )
     assert len(fuser.build(cnn, fusion="stack").fusion.groups) == 1
     with pytest.raises(FuseError, match="fusion must be one of auto, off, stack, got 'fast'"):
@@ -277,11 +277,18 @@ def test_auto_times_both_forms_with_onnx_runtime(spec):
 
     (group,) = fuser.build(build_members(spec, seed=4), fusion="stack").fusion.groups
     measured = costs.measure(group)
-    assert measured.batches == [1, 8, 64, 256, 4096]  # 6x6x2 images: 4096 rows, 0.3 M values
+    assert measured.batches == [1, 8, 64, 256, 4096]  # 3 members x 6x6x2 images: 0.9 M values
     assert all(value > 0 for value in [*measured.plain_ms, *measured.stacked_ms])
     assert measured.stacked_wins == (measured.losing_batches == [])
-    assert costs.batches_for(32 * 32 * 3) == [1, 8, 64, 256, 1024]
-    assert costs.batches_for(10**7) == [1, 8, 64, 256]
+    # Both timed forms compute the members' outputs.
+    x = np.random.default_rng(0).normal(size=(5, *group.members[0].inputs[0].shape[1:]))
+    forms = {form: model.predict(x, verbose=0) for form, model in costs._models(group).items()}
+    np.testing.assert_allclose(forms["stacked"], forms["plain"], atol=1e-5)
+    assert costs.batches_for(20, members=32) == [1, 8, 64, 256, 4096]
+    assert costs.batches_for(32 * 32 * 3, members=8) == [1, 8, 64, 128]
+    assert costs.batches_for(224 * 224 * 3, members=16) == [1]
+    near = costs.Measurement([1, 4096], [1.0, 10.0], [0.5, 10.4])  # within the margin
+    assert near.stacked_wins and not costs.Measurement([1], [1.0], [1.1]).stacked_wins
 
 
 def test_above_the_measured_size_a_fixed_rule_decides(monkeypatch):
@@ -382,3 +389,34 @@ def test_cli_fusion_option_and_inspect(tmp_path):
     assert bad.returncode == 2
     assert "invalid choice: 'fast'" in bad.stderr
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_layer_names_that_collide_after_lowering_and_integer_inputs():
+    import keras
+
+    import fuser
+
+    def named(seed):
+        keras.utils.set_random_seed(seed)
+        inputs = keras.Input((6,), name="features")
+        hidden = keras.layers.Dense(4, activation="relu", name="d")(inputs)
+        hidden = keras.layers.Dense(4, name="d_activation")(hidden)
+        return keras.Model(inputs, keras.layers.Activation("relu")(hidden))
+
+    members = [(f"m{seed}", named(seed)) for seed in range(2)]
+    x = np.random.default_rng(0).normal(size=(4, 6)).astype(np.float32)
+    stacked = fuser.build(members, fusion="stack")
+    assert len(stacked.fusion.groups) == 1
+    np.testing.assert_allclose(
+        stacked.predict(x), fuser.build(members, fusion="off").predict(x), atol=1e-6
+    )
+
+    def counts(seed):
+        keras.utils.set_random_seed(seed)
+        inputs = keras.Input((6,), dtype="int32", name="counts")
+        hidden = keras.layers.Dense(3)(keras.ops.cast(inputs, "float32"))
+        return keras.Model(inputs, hidden)
+
+    integer = fuser.build([(f"c{seed}", counts(seed)) for seed in range(2)], fusion="stack")
+    assert integer.fusion.groups == []
+    assert "dtype int32; stacking supports float32 inputs" in integer.fusion.plain["c0"]

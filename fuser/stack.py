@@ -8,8 +8,9 @@ For such a group, each layer runs once for all G members instead of G times:
   the pixels of one long image, ``(1, 1, batch, features)``. The first on the shared
   input is one convolution over the concatenated kernels (one matmul), later ones a
   grouped convolution (``groups=G``: one batched matmul) whose bias and activation ONNX
-  Runtime fuses into it. Measured here, this beats both the plain branches and a
-  batched ``MatMul`` at every batch size (``benchmarks/fusion.py``): a batched matmul
+  Runtime fuses into it. Measured on an Intel Xeon VM, this beat both the plain branches
+  and a batched ``MatMul`` at every batch size (``benchmarks/fusion.py``; on an AMD EPYC
+  VM it lost to the plain branches at batch 4096, hence ``fuser.costs``): a batched matmul
   needs its bias and activation as separate passes over ``G x batch x features``
   values, which at batch 4096 made it slower than the plain graph;
 - the first ``Conv`` on the shared input is one convolution over the concatenated

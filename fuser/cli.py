@@ -394,13 +394,10 @@ def describe_manifest(manifest: dict[str, Any], source: str, *, verified: bool =
         )
         measured = group.get("measured")
         if measured:
-            figures = ", ".join(
-                f"batch {b}: {stacked:.3g} vs {plain:.3g} ms"
-                for b, stacked, plain in zip(
-                    measured["batches"], measured["stacked_ms"], measured["plain_ms"]
-                )
-            )
-            lines.append(f"             timed, stacked vs plain: {figures}")
+            from fuser.costs import Measurement  # standard library only: --help stays fast
+
+            timed = Measurement(measured["batches"], measured["plain_ms"], measured["stacked_ms"])
+            lines.append(f"             timed, stacked vs plain: {timed.describe()}")
         for layer in group["layers"]:
             lines.append(f"             {layer['layer']} ({layer['type']}): {layer['lowering']}")
     for name, reason in (fusion.get("plain") or {}).items():

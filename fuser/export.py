@@ -241,8 +241,8 @@ def _store_weights(model: Any, weights: dict[str, Any], data: Path | None, locat
     With ``data`` None they go inside the model. Else every weight goes to the file
     ``data`` (named ``location`` in the model), aligned to 4 KiB, and so does every other
     initializer of at least 1 KB (the frozen weights of a SavedModel member, say); smaller
-    initializers stay inline. The weights are written straight from their arrays, never through a
-    ``TensorProto``'s bytes: a stacked layer of many members can be one tensor over 2 GB.
+    initializers stay inline. The weights are written straight from their arrays, never
+    through a ``TensorProto``'s bytes: a stacked layer can be one tensor over 2 GB.
     """
     import onnx
     from onnx import helper

@@ -125,10 +125,7 @@ class OnnxBackend:
         if read_manifest and text is not None:
             self.manifest = manifest_lib.loads(text, str(path))
             if verify:
-                integrity.check_manifest(self.manifest, str(path))  # before reading its list
-                external = integrity.external_data(self.manifest, str(path))
-                content = integrity.onnx_content(pieces, directory, external)
-                integrity.check(self.manifest, content, str(path))
+                integrity.check_onnx(self.manifest, pieces, path)
         options = onnxruntime.SessionOptions()
         if threads is not None:
             options.intra_op_num_threads = threads

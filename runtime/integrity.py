@@ -266,6 +266,16 @@ def check(manifest: dict[str, Any], content: dict[str, str], source: str) -> Non
         )
 
 
+def check_onnx(manifest: dict[str, Any], pieces: tuple[memoryview, ...], path: Path) -> None:
+    """``check`` for the ONNX artifact at ``path``: its manifest against its own digest
+    first, and only then the model's bytes (``pieces``) and the external data files the
+    manifest lists, beside the model itself (also when ``path`` is a symbolic link)."""
+    source = str(path)
+    check_manifest(manifest, source)
+    content = onnx_content(pieces, path.resolve().parent, external_data(manifest, source))
+    check(manifest, content, source)
+
+
 def read_manifest(kind: str, path: Path, *, verify: bool = True) -> dict[str, Any]:
     """The manifest of the artifact at ``path``, checked against its seal unless
     ``verify=False``, without loading the model (no ONNX Runtime, no TensorFlow).
@@ -280,9 +290,7 @@ def read_manifest(kind: str, path: Path, *, verify: bool = True) -> dict[str, An
             raise ArtifactError(f"Artifact {path} is not an ONNX model with a fuser manifest.")
         manifest = manifest_lib.loads(text, source)
         if verify:
-            check_manifest(manifest, source)  # before reading the files it lists
-            content = onnx_content(pieces, path.resolve().parent, external_data(manifest, source))
-            check(manifest, content, source)
+            check_onnx(manifest, pieces, path)
         return manifest
     if kind == "savedmodel":
         asset = path / manifest_lib.SAVEDMODEL_ASSET

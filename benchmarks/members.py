@@ -40,11 +40,11 @@ def _mlp(seed: int) -> Any:
     return keras.Model(inputs, outputs)
 
 
-def _cnn(seed: int) -> Any:
+def _cnn(seed: int, size: int = 32) -> Any:
     import keras
 
     keras.utils.set_random_seed(seed)
-    inputs = keras.Input((32, 32, 3), name="image")
+    inputs = keras.Input((size, size, 3), name="image")
     hidden = inputs
     for filters, pooling in ((16, keras.layers.MaxPooling2D()), (32, None)):
         hidden = keras.layers.Conv2D(filters, 3)(hidden)
@@ -72,6 +72,20 @@ def _randomise_batch_norm(model: Any, rng: np.random.Generator) -> None:
             layer.moving_variance.assign(rng.uniform(0.5, 1.5, size).astype("float32"))
 
 
+def cnn_family(name: str, size: int) -> Family:
+    """The small CNN on ``size`` x ``size`` x 3 images (the suite's ``cnn``: 32)."""
+    return Family(
+        name=name,
+        description=(
+            f"CNN {size}×{size}×3 → Conv2D(16, 3)+BN+ReLU+MaxPool → Conv2D(32, 3)+BN+ReLU"
+            "+GlobalAvgPool → Dense(10, softmax), 5.6k parameters"
+        ),
+        input_name="image",
+        input_shape=(size, size, 3),
+        build=lambda seed: _cnn(seed, size),
+    )
+
+
 FAMILIES: dict[str, Family] = {
     family.name: family
     for family in (
@@ -82,16 +96,7 @@ FAMILIES: dict[str, Family] = {
             input_shape=(20,),
             build=_mlp,
         ),
-        Family(
-            name="cnn",
-            description=(
-                "CNN 32×32×3 → Conv2D(16, 3)+BN+ReLU+MaxPool → Conv2D(32, 3)+BN+ReLU"
-                "+GlobalAvgPool → Dense(10, softmax), 5.6k parameters"
-            ),
-            input_name="image",
-            input_shape=(32, 32, 3),
-            build=_cnn,
-        ),
+        cnn_family("cnn", 32),
     )
 }
 

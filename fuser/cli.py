@@ -396,8 +396,13 @@ def describe_manifest(manifest: dict[str, Any], source: str, *, verified: bool =
         if measured:
             from fuser.costs import Measurement  # standard library only: --help stays fast
 
-            timed = Measurement(measured["batches"], measured["plain_ms"], measured["stacked_ms"])
+            timed = Measurement.from_manifest(measured)
             lines.append(f"             timed, stacked vs plain: {timed.describe()}")
+        if group.get("max_stacked_batch") is not None:
+            lines.append(
+                f"             stacked up to batch {group['max_stacked_batch']}, "
+                "plain branches above"
+            )
         for layer in group["layers"]:
             lines.append(f"             {layer['layer']} ({layer['type']}): {layer['lowering']}")
     for name, reason in (fusion.get("plain") or {}).items():

@@ -5,8 +5,10 @@ Which form is faster depends on the shapes and on the CPU: on one 2-core Intel X
 EPYC VM the same stacked graph took 1.04 of it, and 8 MLPs 64 -> 256 -> 256 -> 10
 1.13 to 1.2 (``benchmarks/results/amd-epyc``). No fixed rule is right on both. So the
 build times both forms of each group where it runs, with ONNX Runtime (the runtime's
-engine) at batch 1, 8, 64, 256 and a large batch, and stacks the group only if the
-stacked form is not slower at any of them.
+engine) at batch 1, 8, 64, 256 and a large batch. A group not slower stacked at any of
+them is stacked. One that wins at small batches only keeps both forms behind a switch
+on the batch size (``runtime._switch.BatchSwitch``: an ``If`` in ONNX), if that switch,
+timed too, is not slower than the plain branches at any batch size.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import math
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +42,32 @@ _MIN_RUNS = 3  # per round
 _TIMEOUT_SECONDS = 300
 
 
+def _slower(batches: list[int], times: list[float], plain: list[float]) -> list[int]:
+    """The batch sizes at which ``times`` exceed ``plain`` by more than ``MARGIN``."""
+    return [b for b, t, p in zip(batches, times, plain) if t > p * (1 + MARGIN)]
+
+
+def _pairs(batches: list[int], times: list[float], plain: list[float]) -> str:
+    return ", ".join(f"batch {b}: {t:.3g} vs {p:.3g} ms" for b, t, p in zip(batches, times, plain))
+
+
+@dataclass
+class SwitchTiming:
+    """The switch (stacked up to ``max_stacked_batch`` rows, plain above) against the plain
+    branches, timed in one run after the first; fastest call per batch size, in ms."""
+
+    max_stacked_batch: int
+    plain_ms: list[float]
+    switch_ms: list[float]
+
+    def to_manifest(self) -> dict[str, Any]:
+        return {
+            "max_stacked_batch": self.max_stacked_batch,
+            "plain_ms": [round(value, 4) for value in self.plain_ms],
+            "switch_ms": [round(value, 4) for value in self.switch_ms],
+        }
+
+
 @dataclass
 class Measurement:
     """The fastest call of the plain and the stacked form, per batch size, in ms."""
@@ -47,35 +75,67 @@ class Measurement:
     batches: list[int]
     plain_ms: list[float]
     stacked_ms: list[float]
+    switch: SwitchTiming | None = None
+    # Both forms as converted for the timing: {form: (ONNX model, output names)}.
+    converted: dict[str, Any] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def losing_batches(self) -> list[int]:
         """The batch sizes at which the stacked form was slower, by more than ``MARGIN``
         (closer than that, two runs disagreed on which one was faster)."""
-        return [
-            b
-            for b, s, p in zip(self.batches, self.stacked_ms, self.plain_ms)
-            if s > p * (1 + MARGIN)
-        ]
+        return _slower(self.batches, self.stacked_ms, self.plain_ms)
 
     @property
     def stacked_wins(self) -> bool:
         return not self.losing_batches
 
+    @property
+    def stacked_limit(self) -> int | None:
+        """The largest batch up to which the stacked form is not slower, if it is faster,
+        by more than ``MARGIN``, at the smallest: where a switch would use it. None when
+        it never is, or always is (then no switch is needed)."""
+        first_plain, first_stacked = self.plain_ms[0], self.stacked_ms[0]
+        if self.stacked_wins or first_stacked > first_plain * (1 - MARGIN):
+            return None
+        losing = self.losing_batches
+        return max(b for b in self.batches if b < losing[0])
+
+    @property
+    def switch_losing_batches(self) -> list[int]:
+        if self.switch is None:
+            return []
+        return _slower(self.batches, self.switch.switch_ms, self.switch.plain_ms)
+
     def describe(self) -> str:
-        """``batch 1: 0.0266 vs 0.0954 ms, ...``: stacked vs plain."""
-        return ", ".join(
-            f"batch {b}: {s:.3g} vs {p:.3g} ms"
-            for b, s, p in zip(self.batches, self.stacked_ms, self.plain_ms)
-        )
+        """``batch 1: 0.0266 vs 0.0954 ms, ...``: stacked vs plain (and the switch's run)."""
+        text = _pairs(self.batches, self.stacked_ms, self.plain_ms)
+        if self.switch is not None:
+            text += (
+                f"; stacked up to batch {self.switch.max_stacked_batch}, plain above, vs plain: "
+                + _pairs(self.batches, self.switch.switch_ms, self.switch.plain_ms)
+            )
+        return text
 
     def to_manifest(self) -> dict[str, Any]:
-        return {
+        record = {
             "engine": "onnxruntime",
             "batches": self.batches,
             "plain_ms": [round(value, 4) for value in self.plain_ms],
             "stacked_ms": [round(value, 4) for value in self.stacked_ms],
         }
+        if self.switch is not None:
+            record["switch"] = self.switch.to_manifest()
+        return record
+
+    @classmethod
+    def from_manifest(cls, record: dict[str, Any]) -> Measurement:
+        switch = record.get("switch")
+        return cls(
+            record["batches"],
+            record["plain_ms"],
+            record["stacked_ms"],
+            SwitchTiming(**switch) if switch else None,
+        )
 
 
 def batches_for(values_per_row: int, members: int = 1) -> list[int]:
@@ -86,21 +146,64 @@ def batches_for(values_per_row: int, members: int = 1) -> list[int]:
 
 
 def measure(group: Group) -> Measurement:
-    """Time ``group`` stacked and as plain branches, in ONNX Runtime on this machine.
+    """Time ``group`` stacked and as plain branches, in ONNX Runtime on this machine."""
+    from fuser import fuse
 
-    Both forms are converted here and timed in a fresh Python process that imports only
-    numpy and onnxruntime (``fuser/_timing.py``), as a serving process would run them.
-    """
+    batches = _batches(group)
     specs = group.members[0].inputs
-    values_per_row = sum(math.prod(spec.shape[1:]) for spec in specs)
-    batches = batches_for(values_per_row, len(group.members))
+    forms = {
+        form: _to_onnx(model, specs) for form, model in fuse.group_forms(group, "measured").items()
+    }
+    models = {form: model.SerializeToString() for form, (model, _) in forms.items()}
+    times = _time(models, group, batches)
+    measured = Measurement(batches, times["plain"], times["stacked"])
+    measured.converted = forms  # for measure_switch
+    return measured
+
+
+def measure_switch(group: Group, measured: Measurement) -> SwitchTiming:
+    """Time the switch at ``measured.stacked_limit`` against the plain branches again,
+    as the ONNX writer joins them (``fuser.onnx_switch``)."""
+    from fuser import fuse, onnx_switch
+
+    limit = measured.stacked_limit
+    if limit is None:
+        raise ValueError("the stacked form wins at no batch size or at all of them")
+    specs = group.members[0].inputs
+    forms = measured.converted or {
+        form: _to_onnx(model, specs) for form, model in fuse.group_forms(group, "measured").items()
+    }
+    (stacked, stacked_outputs), (plain, plain_outputs) = forms["stacked"], forms["plain"]
+    switch = onnx_switch.stitch(
+        stacked,
+        plain,
+        data_inputs=[f"input_{index}:0" for index in range(len(specs))],
+        small_outputs=stacked_outputs,
+        large_outputs=plain_outputs,
+        limit=limit,
+    )
+    models = {"plain": plain.SerializeToString(), "switch": switch.SerializeToString()}
+    times = _time(models, group, measured.batches)
+    return SwitchTiming(limit, times["plain"], times["switch"])
+
+
+def _batches(group: Group) -> list[int]:
+    values_per_row = sum(math.prod(spec.shape[1:]) for spec in group.members[0].inputs)
+    return batches_for(values_per_row, len(group.members))
+
+
+def _time(models: dict[str, bytes], group: Group, batches: list[int]) -> dict[str, list[float]]:
+    """The fastest call of each ONNX model per batch size, in ms, timed in a fresh
+    Python process that imports only numpy and onnxruntime (``fuser/_timing.py``), as a
+    serving process would run them."""
+    specs = group.members[0].inputs
     with tempfile.TemporaryDirectory(prefix="fuser-timing-") as directory:
-        models = {}
-        for form, model in _models(group).items():
-            models[form] = str(Path(directory) / f"{form}.onnx")
-            Path(models[form]).write_bytes(_to_onnx(model, specs))
+        paths = {}
+        for form, model in models.items():
+            paths[form] = str(Path(directory) / f"{form}.onnx")
+            Path(paths[form]).write_bytes(model)
         request = {
-            "models": models,
+            "models": paths,
             "inputs": [
                 {"name": f"input_{index}:0", "shape": list(spec.shape[1:]), "dtype": spec.dtype}
                 for index, spec in enumerate(specs)
@@ -122,36 +225,12 @@ def measure(group: Group) -> Measurement:
     if done.returncode != 0:
         lines = done.stderr.strip().splitlines()
         raise RuntimeError(lines[-1] if lines else f"timing exited with {done.returncode}")
-    times = json.loads(done.stdout.strip().splitlines()[-1])["ms"]
-    return Measurement(batches, times["plain"], times["stacked"])
+    return json.loads(done.stdout.strip().splitlines()[-1])["ms"]
 
 
-def _models(group: Group) -> dict[str, Any]:
-    """The group as one Keras model each way: stacked, and its members side by side."""
-    import keras
-    from keras import ops
-
-    from fuser import fuse, stack
-
-    specs = group.members[0].inputs
-    inputs = [
-        keras.Input(shape=spec.shape[1:], dtype=spec.dtype, name=f"input_{index}")
-        for index, spec in enumerate(specs)
-    ]
-    stacked = stack.lower(group, inputs, prefix="measured")
-    per_member = [keras.tree.flatten(fuse.branch(member)(inputs)) for member in group.members]
-    plain = [
-        ops.stack([outputs[index] for outputs in per_member], axis=1)
-        for index in range(len(per_member[0]))
-    ]
-    return {
-        "plain": keras.Model(inputs, [ops.cast(value, "float32") for value in plain]),
-        "stacked": keras.Model(inputs, [ops.cast(value, "float32") for value in stacked]),
-    }
-
-
-def _to_onnx(model: Any, specs: Any) -> bytes:
-    """``model`` frozen and converted as the ONNX writer does (``fuser.export``)."""
+def _to_onnx(model: Any, specs: Any) -> tuple[Any, list[str]]:
+    """``model`` frozen and converted as the ONNX writer does (``fuser.export``): the ONNX
+    model and its output names. Inputs are named ``input_0:0``, ``input_1:0``..."""
     import tensorflow as tf
     import tf2onnx
     from tensorflow.python.framework.convert_to_constants import (
@@ -179,4 +258,4 @@ def _to_onnx(model: Any, specs: Any) -> bytes:
             output_names=[tensor.name for tensor in frozen.outputs],
             opset=DEFAULT_OPSET,
         )
-    return converted.SerializeToString()
+    return converted, [tensor.name for tensor in frozen.outputs]

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fuser import onnx_switch
 from fuser.errors import FuseError
 from runtime import integrity
 from runtime import manifest as manifest_lib
@@ -211,25 +212,31 @@ def _fold_weight_transposes(graph: Any, weights: dict[str, Any]) -> None:
     here. ONNX Runtime folds it at load only while the result is under 1 GB: a stacked
     layer over that would be transposed at every request (seconds, measured).
     """
-    consumers = Counter(name for node in graph.node for name in node.input)
-    outputs = {value.name for value in graph.output}
-    kept, folded = [], set()
-    for node in graph.node:
-        source = node.input[0] if node.input else None
-        if (
-            node.op_type == "Transpose"
-            and source in weights
-            and consumers[source] == 1
-            and source not in outputs
-        ):
-            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
-            # No perm means reversed axes, in ONNX and in NumPy alike.
-            weights[node.output[0]] = np.transpose(weights.pop(source), perm)
-            folded.add(source)
-        else:
-            kept.append(node)
-    del graph.node[:]
-    graph.node.extend(kept)
+    graphs = list(
+        onnx_switch.graphs(graph)
+    )  # the weights of a switched group are read in If branches
+    consumers = Counter(name for each in graphs for node in each.node for name in node.input)
+    outputs = {value.name for each in graphs for value in each.output}
+    folded = set()
+    # Subgraphs first: rewriting a graph's nodes copies them, If nodes with their branches.
+    for each in reversed(graphs):
+        kept = []
+        for node in each.node:
+            source = node.input[0] if node.input else None
+            if (
+                node.op_type == "Transpose"
+                and source in weights
+                and consumers[source] == 1
+                and source not in outputs
+            ):
+                perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+                # No perm means reversed axes, in ONNX and in NumPy alike.
+                weights[node.output[0]] = np.transpose(weights.pop(source), perm)
+                folded.add(source)
+            else:
+                kept.append(node)
+        del each.node[:]
+        each.node.extend(kept)
     inputs = [value for value in graph.input if value.name not in folded]
     del graph.input[:]
     graph.input.extend(inputs)
@@ -248,7 +255,7 @@ def _store_weights(model: Any, weights: dict[str, Any], data: Path | None, locat
     from onnx import helper
 
     graph = model.graph
-    used = {name for node in graph.node for name in node.input}
+    used = {name for each in onnx_switch.graphs(graph) for node in each.node for name in node.input}
     used.update(value.name for value in graph.output)
     kept = [value for value in graph.input if value.name not in weights]
     del graph.input[:]
@@ -295,7 +302,34 @@ def _convert_to_onnx(ensemble: Ensemble, opset: int, tf: Any, tf2onnx: Any) -> t
         ``EXTERNAL_DATA_BYTES``, the weights as ``{graph input name: array}`` (else
         empty): they are then graph inputs of the model until ``_store_weights`` makes
         them initializers.
+
+    A model with groups stacked only up to a batch size (``BatchSwitch``) is converted
+    once per form and joined under one ``If`` (``fuser.onnx_switch``), switching at the
+    smallest of the groups' limits.
     """
+    from runtime._switch import forced
+
+    fusion = ensemble.fusion
+    limits = [g.max_stacked_batch for g in (fusion.groups if fusion else []) if g.max_stacked_batch]
+    if not limits:
+        return _convert_once(ensemble, opset, tf, tf2onnx)
+    with forced("small"):
+        small, small_outputs, input_tensors, weights = _convert_once(ensemble, opset, tf, tf2onnx)
+    with forced("large"):
+        large, large_outputs, _, _ = _convert_once(ensemble, opset, tf, tf2onnx)
+    names = [spec.name for spec in ensemble.outputs]
+    model = onnx_switch.stitch(
+        small,
+        large,
+        data_inputs=list(input_tensors.values()),
+        small_outputs=[small_outputs[name] for name in names],
+        large_outputs=[large_outputs[name] for name in names],
+        limit=min(limits),
+    )
+    return model, small_outputs, input_tensors, weights
+
+
+def _convert_once(ensemble: Ensemble, opset: int, tf: Any, tf2onnx: Any) -> tuple:
     from tensorflow.python.framework.convert_to_constants import (
         convert_variables_to_constants_v2,
     )
@@ -368,12 +402,14 @@ def _weights_as_inputs(ensemble: Ensemble, tf: Any) -> tuple[Any, dict[str, Any]
 
 
 def _rename_values(graph: Any, renames: dict[str, str]) -> None:
-    """Rename tensors (``features:0`` -> ``features``) everywhere they appear in ``graph``."""
-    for value in [*graph.input, *graph.output, *graph.value_info]:
-        value.name = renames.get(value.name, value.name)
-    for node in graph.node:
-        node.input[:] = [renames.get(name, name) for name in node.input]
-        node.output[:] = [renames.get(name, name) for name in node.output]
+    """Rename tensors (``features:0`` -> ``features``) everywhere they appear in ``graph``,
+    its subgraphs included (they read the outer graph's values by name)."""
+    for each in onnx_switch.graphs(graph):
+        for value in [*each.input, *each.output, *each.value_info]:
+            value.name = renames.get(value.name, value.name)
+        for node in each.node:
+            node.input[:] = [renames.get(name, name) for name in node.input]
+            node.output[:] = [renames.get(name, name) for name in node.output]
 
 
 def _write_savedmodel(ensemble: Ensemble, path: Path, opset: int) -> dict[str, Any]:

@@ -37,7 +37,8 @@ def assemble(
     head and the extra outputs (see ``fuser.uncertainty``) read.
 
     With a ``fusion`` plan, each of its groups is one stacked sub-graph (see
-    ``fuser.stack``) that yields the group's ``(batch, G, ...)`` block at once; a group
+    ``fuser.stack``) that yields the group's ``(batch, G, ...)`` block at once, or, for a
+    group stacked only up to a batch size, both forms behind a ``BatchSwitch``; a group
     whose lowering fails is demoted to plain branches and the plan says why.
     """
     import keras
@@ -53,12 +54,14 @@ def assemble(
     stacked = set()
     for number, group in enumerate(list(fusion.groups) if fusion is not None else []):
         first = group.members[0]
+        group_inputs = [fused_inputs[name] for name in plan.input_order[first.name]]
+        prefix = f"stack{number}"
         try:
-            outputs = stack_lib.lower(
-                group,
-                [fused_inputs[name] for name in plan.input_order[first.name]],
-                prefix=f"stack{number}",
-            )
+            if group.max_stacked_batch is None:
+                outputs = stack_lib.lower(group, group_inputs, prefix=prefix)
+            else:
+                forms = group_forms(group, prefix)
+                outputs = switch_model(forms, group.max_stacked_batch, prefix)(group_inputs)
         except stack_lib.Unsupported as reason:
             fusion.demote(group, str(reason))
             continue
@@ -114,3 +117,46 @@ def branch(member: Member) -> Any:
         for index, spec in enumerate(member.inputs)
     ]
     return keras.Model(inputs=inputs, outputs=member.call(inputs), name=branch_name(member))
+
+
+def group_forms(group: stack_lib.Group, prefix: str) -> dict[str, Any]:
+    """The group as one Keras model each way, ``stacked`` and ``plain`` (its members side by
+    side): same inputs (the first member's), same ``(batch, G, ...)`` float32 outputs."""
+    import keras
+    from keras import ops
+
+    inputs = [
+        keras.Input(shape=spec.shape[1:], dtype=spec.dtype, name=f"{prefix}_input_{index}")
+        for index, spec in enumerate(group.members[0].inputs)
+    ]
+    stacked = stack_lib.lower(group, inputs, prefix=prefix)
+    per_member = [keras.tree.flatten(branch(member)(inputs)) for member in group.members]
+    plain = [
+        ops.stack([outputs[index] for outputs in per_member], axis=1)
+        for index in range(len(per_member[0]))
+    ]
+    return {
+        "stacked": keras.Model(
+            inputs, [ops.cast(value, "float32") for value in stacked], name=f"{prefix}_stacked"
+        ),
+        "plain": keras.Model(
+            inputs, [ops.cast(value, "float32") for value in plain], name=f"{prefix}_plain"
+        ),
+    }
+
+
+def switch_model(forms: dict[str, Any], max_stacked_batch: int, prefix: str) -> Any:
+    """One model that runs ``forms["stacked"]`` up to ``max_stacked_batch`` rows and
+    ``forms["plain"]`` above (one ``If`` node in ONNX)."""
+    import keras
+
+    from runtime._switch import BatchSwitch
+
+    inputs = [
+        keras.Input(shape=tensor.shape[1:], dtype=tensor.dtype, name=f"{prefix}_switch_{index}")
+        for index, tensor in enumerate(forms["plain"].inputs)
+    ]
+    switch = BatchSwitch(
+        forms["stacked"], forms["plain"], max_stacked_batch, name=f"{prefix}_batch_switch"
+    )
+    return keras.Model(inputs, list(switch(inputs)), name=f"{prefix}_switch")

@@ -295,6 +295,8 @@ def _load_one(
 def _load_keras(spec: MemberSpec, safe_mode: bool, custom_objects: dict[str, Any] | None) -> Any:
     import keras
 
+    import runtime._switch  # noqa: F401 - a fused ensemble built by fuser can be a member
+
     try:
         return keras.models.load_model(
             spec.source,

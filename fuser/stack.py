@@ -167,9 +167,16 @@ class Group:
     graphs: list[Graph]
     layers: list[dict[str, str]] = field(default_factory=list)
     measured: Any = None  # fuser.costs.Measurement, when --fusion auto timed the group
+    # Stacked only up to this many rows, plain branches above (a switch on the batch size).
+    max_stacked_batch: int | None = None
 
     def to_manifest(self) -> dict[str, Any]:
-        record = {"members": [member.name for member in self.members], "layers": self.layers}
+        record: dict[str, Any] = {
+            "members": [member.name for member in self.members],
+            "layers": self.layers,
+        }
+        if self.max_stacked_batch is not None:
+            record["max_stacked_batch"] = self.max_stacked_batch
         if self.measured is not None:
             record["measured"] = self.measured.to_manifest()
         return record
@@ -201,6 +208,12 @@ class FusionPlan:
         for group in self.groups:
             names = ", ".join(member.name for member in group.members)
             line = f"Stacked {len(group.members)} same-architecture members: {names}."
+            if group.max_stacked_batch is not None:
+                line = (
+                    f"Stacked {len(group.members)} same-architecture members up to batch "
+                    f"{group.max_stacked_batch}, plain branches above (both forms are in the "
+                    f"artifact, the batch size picks one): {names}."
+                )
             if group.measured is not None:
                 line += f" Measured, stacked vs plain: {group.measured.describe()}."
             lines.append(line)
@@ -228,8 +241,9 @@ def plan_fusion(
 
     ``stack`` stacks every group of two or more whose layers all have a lowering;
     ``auto`` only those that are not slower stacked than as plain branches at any batch
-    size (see ``_auto_keeps_plain``). ``off`` stacks nothing. The reason for every member
-    left plain is kept.
+    size, and those faster stacked at small batches only up to a batch size (see
+    ``_auto_keeps_plain``). ``off`` stacks nothing. The reason for every member left
+    plain is kept.
     """
     if mode == "off":
         return FusionPlan(mode, [], {m.name: "fusion is off (--fusion off)." for m in members})
@@ -263,7 +277,10 @@ def _auto_keeps_plain(group: Group) -> str | None:
     """Why ``--fusion auto`` keeps ``group`` plain, or None to stack it.
 
     Up to ``costs.MEASURE_MAX_BYTES`` of weights, both forms are timed here, with ONNX
-    Runtime (``fuser.costs``): which wins depends on the CPU. Above, measuring would
+    Runtime (``fuser.costs``): which wins depends on the CPU. Where stacked wins at small
+    batches and loses at large ones, a switch on the batch size is timed too and, if it
+    is never slower than plain, kept (``group.max_stacked_batch``): the group's weights
+    are then in the artifact twice, which at most 32 MB each costs little. Above, measuring would
     cost seconds and gigabytes, and a fixed rule decides, from measurements on two CPUs:
     dense groups are stacked (1.1 to 1.9x faster at 35 and 138 MB of weights, at every
     batch size), groups with convolutions or pooling are not (slower at large batches),
@@ -291,11 +308,26 @@ def _auto_keeps_plain(group: Group) -> str | None:
         if measured.stacked_wins:
             return None
         losing = ", ".join(map(str, measured.losing_batches))
-        return (
+        reason = (
             f"--fusion auto measured the stacked form slower than plain branches at batch "
             f"{losing} (ONNX Runtime on this machine, stacked vs plain: "
             f"{measured.describe()}); --fusion stack stacks them."
         )
+        if measured.stacked_limit is None:
+            return reason
+        try:
+            measured.switch = costs.measure_switch(group, measured)
+        except Exception as error:
+            lines = str(error).strip().splitlines() or [type(error).__name__]
+            return f"{reason[:-1]}, and the switch between both forms failed: {lines[-1]}"
+        if measured.switch_losing_batches:
+            slower = ", ".join(map(str, measured.switch_losing_batches))
+            return (
+                f"{reason[:-1]}, and a switch to plain above batch {measured.stacked_limit} "
+                f"was slower than plain at batch {slower} ({measured.describe()})."
+            )
+        group.max_stacked_batch = measured.stacked_limit
+        return None
     spatial = _spatial_layer(group.graphs[0])
     if spatial is not None:
         return (

@@ -216,6 +216,8 @@ class KerasBackend:
         import keras
         import tensorflow as tf
 
+        import runtime._switch  # noqa: F401 - registers BatchSwitch, which fused models may hold
+
         try:
             self.model = keras.models.load_model(path, compile=False, safe_mode=True)
         except Exception as error:

@@ -227,12 +227,19 @@ def test_savedmodel_of_stacked_convolutions_needs_no_xla(tmp_path):
         assert not any(node.op.startswith("Xla") for node in function.node_def)
 
 
-def _timed(monkeypatch, plain_ms, stacked_ms):
-    """Make --fusion auto's measurement return these figures (batches 1, 256, 4096)."""
+def _timed(monkeypatch, plain_ms, stacked_ms, switch_ms=None):
+    """Make --fusion auto's measurement return these figures (batches 1, 256, 4096), and
+    the switch's, if it comes to one, ``switch_ms`` against the same ``plain_ms``."""
     from fuser import costs
 
     measured = costs.Measurement([1, 256, 4096], plain_ms, stacked_ms)
     monkeypatch.setattr(costs, "measure", lambda group: measured)
+
+    def measure_switch(group, timed):
+        assert switch_ms is not None, "the switch was timed"
+        return costs.SwitchTiming(timed.stacked_limit, plain_ms, switch_ms)
+
+    monkeypatch.setattr(costs, "measure_switch", measure_switch)
     return measured
 
 
@@ -257,12 +264,12 @@ def test_modes_choose_what_is_stacked(monkeypatch):
     off = fuser.build(members, fusion="off")
     assert off.fusion.groups == [] and set(off.fusion.plain) == {"m0", "m1", "m2"}
     cnn = build_members(CNN, seed=4)
-    _timed(monkeypatch, [0.05, 0.2, 10.0], [0.03, 0.25, 10.6])
+    _timed(monkeypatch, [0.05, 0.2, 10.0], [0.049, 0.25, 10.6])  # no clear win anywhere
     auto = fuser.build(cnn, fusion="auto")
     assert auto.fusion.groups == []
     assert auto.fusion.plain["m0"].startswith(
         "--fusion auto measured the stacked form slower than plain branches at batch 256, 4096 "
-        "(ONNX Runtime on this machine, stacked vs plain: batch 1: 0.03 vs 0.05 ms, "
+        "(ONNX Runtime on this machine, stacked vs plain: batch 1: 0.049 vs 0.05 ms, "
         "batch 256: 0.25 vs 0.2 ms, batch 4096: 10.6 vs 10 ms)"
     )
     assert len(fuser.build(cnn, fusion="stack").fusion.groups) == 1
@@ -273,7 +280,7 @@ def test_modes_choose_what_is_stacked(monkeypatch):
 @pytest.mark.parametrize("spec", [MLP, CNN], ids=["mlp", "cnn"])
 def test_auto_times_both_forms_with_onnx_runtime(spec):
     import fuser
-    from fuser import costs
+    from fuser import costs, fuse
 
     (group,) = fuser.build(build_members(spec, seed=4), fusion="stack").fusion.groups
     measured = costs.measure(group)
@@ -282,13 +289,176 @@ def test_auto_times_both_forms_with_onnx_runtime(spec):
     assert measured.stacked_wins == (measured.losing_batches == [])
     # Both timed forms compute the members' outputs.
     x = np.random.default_rng(0).normal(size=(5, *group.members[0].inputs[0].shape[1:]))
-    forms = {form: model.predict(x, verbose=0) for form, model in costs._models(group).items()}
+    forms = {
+        form: model.predict(x, verbose=0)
+        for form, model in fuse.group_forms(group, "timed").items()
+    }
     np.testing.assert_allclose(forms["stacked"], forms["plain"], atol=1e-5)
     assert costs.batches_for(20, members=32) == [1, 8, 64, 256, 4096]
     assert costs.batches_for(32 * 32 * 3, members=8) == [1, 8, 64, 128]
     assert costs.batches_for(224 * 224 * 3, members=16) == [1]
     near = costs.Measurement([1, 4096], [1.0, 10.0], [0.5, 10.4])  # within the margin
     assert near.stacked_wins and not costs.Measurement([1], [1.0], [1.1]).stacked_wins
+
+
+def test_stacked_only_at_small_batches_becomes_a_switch_on_the_batch_size(monkeypatch, tmp_path):
+    import onnx
+
+    import fuser
+    from fuser import export
+    from fuser.cli import describe_manifest
+
+    members = build_members(CNN, seed=4)
+    # Faster stacked up to batch 256, slower at 4096: both forms, switched at 256.
+    _timed(monkeypatch, [0.05, 0.2, 10.0], [0.03, 0.19, 12.0], switch_ms=[0.034, 0.2, 10.2])
+    auto = fuser.build(members, expose_members=True)
+    (group,) = auto.fusion.groups
+    assert group.max_stacked_batch == 256
+    record = auto.manifest["fusion"]["groups"][0]
+    assert record["max_stacked_batch"] == 256
+    assert record["measured"]["switch"] == {
+        "max_stacked_batch": 256,
+        "plain_ms": [0.05, 0.2, 10.0],
+        "switch_ms": [0.034, 0.2, 10.2],
+    }
+    assert auto.fusion.notes()[0].startswith(
+        "Stacked 3 same-architecture members up to batch 256, plain branches above"
+    )
+    shown = describe_manifest({**auto.manifest, "artifact": {"format": "onnx"}}, "fused.onnx")
+    assert "stacked up to batch 256, plain branches above" in shown
+    assert "; stacked up to batch 256, plain above, vs plain: batch 1: 0.034 vs 0.05 ms" in shown
+    plain = fuser.build(members, fusion="off", expose_members=True)
+    batches = {rows: _inputs(plain, rows=rows) for rows in (1, 256, 257)}
+    want = {rows: plain.predict(x, as_dict=True) for rows, x in batches.items()}
+
+    def check(predict):
+        for rows, x in batches.items():
+            got = predict(x)
+            for name in want[rows]:
+                np.testing.assert_allclose(got[name], want[rows][name], rtol=1e-5, atol=1e-5)
+
+    check(lambda x: auto.predict(x, as_dict=True))
+    for name in ("switch.onnx", "switch_savedmodel", "switch.keras"):
+        loaded = runtime.load(auto.save(tmp_path / name))
+        assert loaded.manifest["fusion"]["groups"][0]["max_stacked_batch"] == 256
+        check(loaded.predict)
+    # One If: its branches are the stacked group (a grouped convolution) and the members.
+    graph = onnx.load(str(tmp_path / "switch.onnx")).graph
+    (switch,) = [node for node in graph.node if node.op_type == "If"]
+    branches = {attribute.name: attribute.g for attribute in switch.attribute}
+
+    def groups(branch):
+        return {
+            attribute.i
+            for node in branch.node
+            if node.op_type == "Conv"
+            for attribute in node.attribute
+            if attribute.name == "group"
+        }
+
+    assert 3 in groups(branches["then_branch"]) and 3 not in groups(branches["else_branch"])
+    # Weights converted as inputs and stored outside (the large-ensemble path): the
+    # branches read them from the outer graph, kernels already in ONNX's layout.
+    monkeypatch.setattr(export, "EXTERNAL_DATA_BYTES", 0)
+    path = auto.save(tmp_path / "external.onnx")
+    check(runtime.load(path).predict)
+    model = onnx.load(str(path), load_external_data=False)
+    weights = {tensor.name for tensor in model.graph.initializer}
+    subgraphs = [attribute.g for node in model.graph.node for attribute in node.attribute]
+    transposed = [
+        node.name
+        for graph in [model.graph, *subgraphs]
+        for node in graph.node
+        if node.op_type == "Transpose" and node.input[0] in weights
+    ]
+    assert subgraphs and not transposed
+
+
+def test_the_switch_is_timed_against_plain_with_onnx_runtime():
+    import fuser
+    from fuser import costs
+
+    (group,) = fuser.build(build_members(MLP, seed=4), fusion="stack").fusion.groups
+    measured = costs.Measurement([1, 8, 64], [1.0, 1.0, 1.0], [0.5, 0.9, 2.0])
+    timed = costs.measure_switch(group, measured)
+    assert timed.max_stacked_batch == 8
+    assert len(timed.plain_ms) == len(timed.switch_ms) == 3
+    assert all(value > 0 for value in [*timed.plain_ms, *timed.switch_ms])
+
+
+def test_a_switch_slower_than_plain_somewhere_keeps_the_group_plain(monkeypatch):
+    import fuser
+
+    members = build_members(MLP, seed=4)
+    _timed(monkeypatch, [0.05, 0.2, 10.0], [0.03, 0.19, 12.0], switch_ms=[0.03, 0.2, 11.0])
+    auto = fuser.build(members)
+    assert auto.fusion.groups == []
+    assert (
+        "and a switch to plain above batch 256 was slower than plain at batch 4096"
+        in (auto.fusion.plain["m0"])
+    )
+
+
+def test_where_a_switch_would_use_the_stacked_form():
+    from fuser import costs
+
+    def limit(stacked, plain=(1.0, 1.0, 1.0, 1.0)):
+        return costs.Measurement([1, 8, 64, 4096], list(plain), list(stacked)).stacked_limit
+
+    assert limit([0.5, 0.9, 1.2, 1.5]) == 8  # up to the last batch before the first loss
+    assert limit([0.5, 1.04, 0.9, 1.2]) == 64  # within the margin is not a loss
+    assert limit([0.5, 1.2, 0.9, 0.9]) == 1  # a loss in between ends it
+    assert limit([0.97, 0.9, 1.2, 1.5]) is None  # no clear win at the smallest batch
+    assert limit([0.5, 0.5, 0.5, 0.5]) is None  # stacked everywhere: no switch needed
+
+
+def test_the_batch_switch_routes_by_batch_size_in_every_engine(tmp_path):
+    """Two deliberately different models behind a switch: which one answered shows."""
+    import keras
+
+    import runtime._switch as switch_lib
+    from fuser import costs
+    from runtime.manifest import TensorSpec
+
+    def scaled(factor, name):
+        inputs = keras.Input((3,), name=f"{name}_in")
+        return keras.Model([inputs], [keras.ops.multiply(inputs, factor)], name=name)
+
+    inputs = keras.Input((3,), name="x")
+    (output,) = switch_lib.BatchSwitch(scaled(1.0, "small"), scaled(2.0, "large"), 4)([inputs])
+    model = keras.Model([inputs], output)
+    small, large = np.ones((4, 3), np.float32), np.ones((5, 3), np.float32)
+    assert model([small]).numpy().max() == 1.0 and model([large]).numpy().max() == 2.0
+    path = tmp_path / "switch.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path, safe_mode=True)
+    assert loaded.predict([small], verbose=0).max() == 1.0  # predict traces a tf.function
+    assert loaded.predict([large], verbose=0).max() == 2.0
+    with switch_lib.forced("large"):
+        assert model([small]).numpy().max() == 2.0
+    # ONNX: converted once per form, joined under one If, as the ONNX writer does.
+    import onnxruntime
+
+    from fuser import onnx_switch
+
+    specs = [TensorSpec("x", (None, 3), "float32")]
+    forms = {}
+    for form in switch_lib.FORMS:
+        with switch_lib.forced(form):
+            forms[form] = costs._to_onnx(model, specs)
+    stitched = onnx_switch.stitch(
+        forms["small"][0],
+        forms["large"][0],
+        data_inputs=["input_0:0"],
+        small_outputs=forms["small"][1],
+        large_outputs=forms["large"][1],
+        limit=4,
+    )
+    session = onnxruntime.InferenceSession(
+        stitched.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    assert session.run(None, {"input_0:0": small})[0].max() == 1.0
+    assert session.run(None, {"input_0:0": large})[0].max() == 2.0
 
 
 def test_above_the_measured_size_a_fixed_rule_decides(monkeypatch):

@@ -398,11 +398,16 @@ def describe_manifest(manifest: dict[str, Any], source: str, *, verified: bool =
 
             timed = Measurement.from_manifest(measured)
             lines.append(f"             timed, stacked vs plain: {timed.describe()}")
-        if group.get("max_stacked_batch") is not None:
-            lines.append(
-                f"             stacked up to batch {group['max_stacked_batch']}, "
-                "plain branches above"
-            )
+        limit = group.get("max_stacked_batch")
+        if limit is not None:
+            line = f"             stacked up to batch {limit}, plain branches above"
+            onnx_limit = artifact.get("switch_batch")
+            if onnx_limit is not None and onnx_limit != limit:
+                line += (
+                    f" (this ONNX artifact: up to batch {onnx_limit}, the smallest limit of "
+                    "its switched groups)"
+                )
+            lines.append(line)
         for layer in group["layers"]:
             lines.append(f"             {layer['layer']} ({layer['type']}): {layer['lowering']}")
     for name, reason in (fusion.get("plain") or {}).items():

@@ -112,7 +112,7 @@ def write(ensemble: Ensemble, path: Path, *, force: bool = False, opset: int | N
         with ensemble.reporter.task(f"Writing {path}"):
             details = _WRITERS[kind](ensemble, temporary, opset or DEFAULT_OPSET)
             backend = open_backend(temporary, read_manifest=False)
-            error = ensemble.check(backend.run(ensemble.probe), f"The {kind} artifact {path}")
+            error = ensemble.verify(backend.run, f"The {kind} artifact {path}")
             del backend
             manifest = ensemble.manifest
             manifest["artifact"] = {"format": kind, **details}
@@ -180,6 +180,8 @@ def _write_onnx(ensemble: Ensemble, path: Path, opset: int) -> dict[str, Any]:
 
     model.producer_version = __version__
     details: dict[str, Any] = {"opset": opset}
+    if ensemble.switch_batch is not None:
+        details["switch_batch"] = ensemble.switch_batch  # for every switched group
     if weights:
         _fold_weight_transposes(model.graph, weights)
         size = sum(array.nbytes for array in weights.values())
@@ -309,9 +311,8 @@ def _convert_to_onnx(ensemble: Ensemble, opset: int, tf: Any, tf2onnx: Any) -> t
     """
     from runtime._switch import forced
 
-    fusion = ensemble.fusion
-    limits = [g.max_stacked_batch for g in (fusion.groups if fusion else []) if g.max_stacked_batch]
-    if not limits:
+    limit = ensemble.switch_batch
+    if limit is None:
         return _convert_once(ensemble, opset, tf, tf2onnx)
     with forced("small"):
         small, small_outputs, input_tensors, weights = _convert_once(ensemble, opset, tf, tf2onnx)
@@ -324,7 +325,7 @@ def _convert_to_onnx(ensemble: Ensemble, opset: int, tf: Any, tf2onnx: Any) -> t
         data_inputs=list(input_tensors.values()),
         small_outputs=[small_outputs[name] for name in names],
         large_outputs=[large_outputs[name] for name in names],
-        limit=min(limits),
+        limit=limit,
     )
     return model, small_outputs, input_tensors, weights
 

@@ -305,29 +305,10 @@ def _auto_keeps_plain(group: Group) -> str | None:
             lines = str(error).strip().splitlines() or [type(error).__name__]
             return f"--fusion auto could not time the two forms, so they stay plain: {lines[-1]}"
         group.measured = measured
-        if measured.stacked_wins:
-            return None
-        losing = ", ".join(map(str, measured.losing_batches))
-        reason = (
-            f"--fusion auto measured the stacked form slower than plain branches at batch "
-            f"{losing} (ONNX Runtime on this machine, stacked vs plain: "
-            f"{measured.describe()}); --fusion stack stacks them."
-        )
-        if measured.stacked_limit is None:
-            return reason
         try:
-            measured.switch = costs.measure_switch(group, measured)
-        except Exception as error:
-            lines = str(error).strip().splitlines() or [type(error).__name__]
-            return f"{reason[:-1]}, and the switch between both forms failed: {lines[-1]}"
-        if measured.switch_losing_batches:
-            slower = ", ".join(map(str, measured.switch_losing_batches))
-            return (
-                f"{reason[:-1]}, and a switch to plain above batch {measured.stacked_limit} "
-                f"was slower than plain at batch {slower} ({measured.describe()})."
-            )
-        group.max_stacked_batch = measured.stacked_limit
-        return None
+            return _decide(group, measured)
+        finally:
+            measured.converted = None  # the two ONNX models, up to 2 x 32 MB
     spatial = _spatial_layer(group.graphs[0])
     if spatial is not None:
         return (
@@ -335,6 +316,39 @@ def _auto_keeps_plain(group: Group) -> str | None:
             f"{spatial} layers plain: stacked, they were measured slower at large batches "
             "(ONNX Runtime's grouped convolution); --fusion stack stacks them."
         )
+    return None
+
+
+def _decide(group: Group, measured: Any) -> str | None:
+    """Why ``group`` stays plain after its timing, or None to stack it (maybe switched)."""
+    from fuser import costs
+
+    if measured.stacked_wins:
+        return None
+    losing = ", ".join(map(str, measured.losing_batches))
+    slower = f"--fusion auto measured the stacked form slower than plain branches at batch {losing}"
+    advice = "--fusion stack stacks them."
+    if measured.stacked_limit is None:
+        return (
+            f"{slower} (ONNX Runtime on this machine, stacked vs plain: "
+            f"{measured.describe()}); {advice}"
+        )
+    try:
+        measured.switch = costs.measure_switch(group, measured)
+    except Exception as error:
+        lines = str(error).strip().splitlines() or [type(error).__name__]
+        return (
+            f"{slower} (ONNX Runtime on this machine, stacked vs plain: {measured.describe()}) "
+            f"and timing a switch between both forms failed ({lines[-1]}); {advice}"
+        )
+    if measured.switch_losing_batches:
+        worse = ", ".join(map(str, measured.switch_losing_batches))
+        return (
+            f"{slower}, and a switch to plain above batch {measured.stacked_limit} was slower "
+            f"than plain at batch {worse} (ONNX Runtime on this machine, stacked vs plain: "
+            f"{measured.describe()}); {advice}"
+        )
+    group.max_stacked_batch = measured.stacked_limit
     return None
 
 

@@ -338,6 +338,21 @@ def test_stacked_only_at_small_batches_becomes_a_switch_on_the_batch_size(monkey
                 np.testing.assert_allclose(got[name], want[rows][name], rtol=1e-5, atol=1e-5)
 
     check(lambda x: auto.predict(x, as_dict=True))
+    # The build verifies both forms: the probe batch (8 rows, stacked) and 257 rows.
+    seen = []
+
+    def recorded(feeds, wrong_above=None):
+        rows = len(next(iter(feeds.values())))
+        seen.append(rows)
+        results = auto.predict(feeds, as_dict=True)
+        if wrong_above is not None and rows > wrong_above:
+            results = {name: value + 1.0 for name, value in results.items()}
+        return results
+
+    auto.verify(recorded, "The fused model")
+    assert seen == [8, 257]
+    with pytest.raises(fuser.VerificationError, match="The plain side differs from its members"):
+        auto.verify(lambda feeds: recorded(feeds, wrong_above=256), "The plain side")
     for name in ("switch.onnx", "switch_savedmodel", "switch.keras"):
         loaded = runtime.load(auto.save(tmp_path / name))
         assert loaded.manifest["fusion"]["groups"][0]["max_stacked_batch"] == 256
@@ -372,6 +387,41 @@ def test_stacked_only_at_small_batches_becomes_a_switch_on_the_batch_size(monkey
         if node.op_type == "Transpose" and node.input[0] in weights
     ]
     assert subgraphs and not transposed
+
+
+def test_two_switched_groups_switch_together_in_onnx(monkeypatch, tmp_path):
+    import fuser
+    from fuser import costs
+
+    first = build_members({**MLP, "members": 2}, seed=5)
+    second = build_members({**MLP, "dense": [0], "members": 2}, seed=6)
+    members = [("a0", first[0][1]), ("a1", first[1][1]), ("b0", second[0][1]), ("b1", second[1][1])]
+    batches = [1, 8, 64]
+    stacked = {"a0": [0.5, 0.9, 2.0], "b0": [0.5, 2.0, 2.0]}  # faster up to batch 8, up to 1
+
+    def measure(group):
+        return costs.Measurement(batches, [1.0, 1.0, 1.0], stacked[group.members[0].name])
+
+    def measure_switch(group, measured):
+        return costs.SwitchTiming(measured.stacked_limit, [1.0, 1.0, 1.0], [0.6, 1.0, 1.0])
+
+    monkeypatch.setattr(costs, "measure", measure)
+    monkeypatch.setattr(costs, "measure_switch", measure_switch)
+    ensemble = fuser.build(members)
+    assert [group.max_stacked_batch for group in ensemble.fusion.groups] == [8, 1]
+    assert ensemble.switch_batch == 1
+    path = ensemble.save(tmp_path / "two.onnx")
+    loaded = runtime.load(path)
+    assert loaded.manifest["artifact"]["switch_batch"] == 1
+    shown = run_cli("inspect", str(path)).stdout
+    assert (
+        "stacked up to batch 8, plain branches above (this ONNX artifact: up to batch 1, "
+        "the smallest limit of its switched groups)"
+    ) in shown
+    plain = fuser.build(members, fusion="off")
+    for rows in (1, 2, 9):
+        x = _inputs(plain, rows=rows)
+        np.testing.assert_allclose(loaded.predict(x), plain.predict(x), rtol=1e-5, atol=1e-5)
 
 
 def test_the_switch_is_timed_against_plain_with_onnx_runtime():

@@ -147,13 +147,8 @@ def batches_for(values_per_row: int, members: int = 1) -> list[int]:
 
 def measure(group: Group) -> Measurement:
     """Time ``group`` stacked and as plain branches, in ONNX Runtime on this machine."""
-    from fuser import fuse
-
     batches = _batches(group)
-    specs = group.members[0].inputs
-    forms = {
-        form: _to_onnx(model, specs) for form, model in fuse.group_forms(group, "measured").items()
-    }
+    forms = _converted_forms(group)
     models = {form: model.SerializeToString() for form, (model, _) in forms.items()}
     times = _time(models, group, batches)
     measured = Measurement(batches, times["plain"], times["stacked"])
@@ -164,15 +159,13 @@ def measure(group: Group) -> Measurement:
 def measure_switch(group: Group, measured: Measurement) -> SwitchTiming:
     """Time the switch at ``measured.stacked_limit`` against the plain branches again,
     as the ONNX writer joins them (``fuser.onnx_switch``)."""
-    from fuser import fuse, onnx_switch
+    from fuser import onnx_switch
 
     limit = measured.stacked_limit
     if limit is None:
         raise ValueError("the stacked form wins at no batch size or at all of them")
     specs = group.members[0].inputs
-    forms = measured.converted or {
-        form: _to_onnx(model, specs) for form, model in fuse.group_forms(group, "measured").items()
-    }
+    forms = measured.converted or _converted_forms(group)
     (stacked, stacked_outputs), (plain, plain_outputs) = forms["stacked"], forms["plain"]
     switch = onnx_switch.stitch(
         stacked,
@@ -185,6 +178,16 @@ def measure_switch(group: Group, measured: Measurement) -> SwitchTiming:
     models = {"plain": plain.SerializeToString(), "switch": switch.SerializeToString()}
     times = _time(models, group, measured.batches)
     return SwitchTiming(limit, times["plain"], times["switch"])
+
+
+def _converted_forms(group: Group) -> dict[str, tuple[Any, list[str]]]:
+    """``{"stacked" | "plain": (ONNX model, output names)}`` for ``group``."""
+    from fuser import fuse
+
+    specs = group.members[0].inputs
+    return {
+        form: _to_onnx(model, specs) for form, model in fuse.group_forms(group, "measured").items()
+    }
 
 
 def _batches(group: Group) -> list[int]:

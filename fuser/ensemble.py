@@ -471,9 +471,8 @@ class Ensemble:
         """Up to this batch size the switched groups run stacked, above as plain branches;
         None without switched groups. (The ONNX artifact switches all of them here, at the
         smallest of their limits.)"""
-        limits = [group.max_stacked_batch for group in self.fusion.groups]
-        limits = [limit for limit in limits if limit is not None]
-        return min(limits) if limits else None
+        limits = [g.max_stacked_batch for g in self.fusion.groups if g.max_stacked_batch]
+        return min(limits, default=None)
 
     def verify(self, run: Any, what: str) -> float:
         """``check`` ``run(feeds)`` on the probe batch, and with switched groups also on a

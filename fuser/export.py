@@ -214,9 +214,8 @@ def _fold_weight_transposes(graph: Any, weights: dict[str, Any]) -> None:
     here. ONNX Runtime folds it at load only while the result is under 1 GB: a stacked
     layer over that would be transposed at every request (seconds, measured).
     """
-    graphs = list(
-        onnx_switch.graphs(graph)
-    )  # the weights of a switched group are read in If branches
+    # The weights of a switched group are read in the branches of an If.
+    graphs = list(onnx_switch.graphs(graph))
     consumers = Counter(name for each in graphs for node in each.node for name in node.input)
     outputs = {value.name for each in graphs for value in each.output}
     folded = set()

@@ -60,8 +60,16 @@ def assemble(
             if group.max_stacked_batch is None:
                 outputs = stack_lib.lower(group, group_inputs, prefix=prefix)
             else:
+                from runtime._switch import BatchSwitch
+
                 forms = group_forms(group, prefix)
-                outputs = switch_model(forms, group.max_stacked_batch, prefix)(group_inputs)
+                switch = BatchSwitch(
+                    forms["stacked"],
+                    forms["plain"],
+                    group.max_stacked_batch,
+                    name=f"{prefix}_switch",
+                )
+                outputs = list(switch(group_inputs))
         except stack_lib.Unsupported as reason:
             fusion.demote(group, str(reason))
             continue
@@ -143,20 +151,3 @@ def group_forms(group: stack_lib.Group, prefix: str) -> dict[str, Any]:
             inputs, [ops.cast(value, "float32") for value in plain], name=f"{prefix}_plain"
         ),
     }
-
-
-def switch_model(forms: dict[str, Any], max_stacked_batch: int, prefix: str) -> Any:
-    """One model that runs ``forms["stacked"]`` up to ``max_stacked_batch`` rows and
-    ``forms["plain"]`` above (one ``If`` node in ONNX)."""
-    import keras
-
-    from runtime._switch import BatchSwitch
-
-    inputs = [
-        keras.Input(shape=tensor.shape[1:], dtype=tensor.dtype, name=f"{prefix}_switch_{index}")
-        for index, tensor in enumerate(forms["plain"].inputs)
-    ]
-    switch = BatchSwitch(
-        forms["stacked"], forms["plain"], max_stacked_batch, name=f"{prefix}_batch_switch"
-    )
-    return keras.Model(inputs, list(switch(inputs)), name=f"{prefix}_switch")

@@ -37,8 +37,8 @@ def stitch(
     from onnx import helper, numpy_helper
 
     def key(tensor: Any) -> tuple:
-        array = numpy_helper.to_array(tensor)
-        return (tensor.data_type, tuple(tensor.dims), array.tobytes())
+        content = tensor.raw_data if tensor.HasField("raw_data") else tensor.SerializeToString()
+        return (tensor.data_type, tuple(tensor.dims), content)
 
     # Tensors in both graphs (members outside the switched groups) are stored once, in
     # the outer graph; the rest stay inside their branch. Every outer value a branch
@@ -47,9 +47,8 @@ def stitch(
     # per call, against 3 with them inside. (Weights converted as graph inputs, above
     # 128 MB, are outside whatever happens; next to the work of such a model, 11 us is
     # noise.)
-    shared_keys = {key(t) for t in small.graph.initializer} & {
-        key(t) for t in large.graph.initializer
-    }
+    keys = {id(model): [key(t) for t in model.graph.initializer] for model in (small, large)}
+    shared_keys = set(keys[id(small)]) & set(keys[id(large)])
     shared: dict[tuple, Any] = {}  # content -> the one tensor kept outside
 
     def branch(model: Any, tag: str, outputs: Sequence[str]) -> Any:
@@ -57,19 +56,21 @@ def stitch(
         graph.CopyFrom(model.graph)
         graph.name = f"fuser_{tag}_batches"
         renames = {}
-        inner = []
-        for tensor in graph.initializer:
-            content = key(tensor)
+        outside = []
+        for index, (tensor, content) in enumerate(zip(graph.initializer, keys[id(model)])):
             if content not in shared_keys:
-                renames[tensor.name] = f"{tag}/{tensor.name}"
-                inner.append(tensor)
+                renamed = f"{tag}/{tensor.name}"
+                renames[tensor.name] = renamed
+                tensor.name = renamed  # stays inside the branch
                 continue
             if content not in shared:
-                kept = onnx.TensorProto()
-                kept.CopyFrom(tensor)
-                kept.name = f"shared/{tensor.name}"
-                shared[content] = kept
+                shared[content] = onnx.TensorProto()
+                shared[content].CopyFrom(tensor)
+                shared[content].name = f"shared/{tensor.name}"
             renames[tensor.name] = shared[content].name
+            outside.append(index)
+        for index in reversed(outside):
+            del graph.initializer[index]
         for each in graphs(graph):
             produced = [output for node in each.node for output in node.output]
             if each is not graph:  # a nested graph's own inputs and constants
@@ -90,15 +91,8 @@ def stitch(
             value.CopyFrom(by_name[name])
             value.name = renames.get(name, name)
             results.append(value)
-        kept_inside = []
-        for tensor in inner:
-            moved = onnx.TensorProto()
-            moved.CopyFrom(tensor)
-            moved.name = renames[tensor.name]
-            kept_inside.append(moved)
-        del graph.input[:], graph.output[:], graph.initializer[:], graph.value_info[:]
+        del graph.input[:], graph.output[:], graph.value_info[:]
         graph.output.extend(results)
-        graph.initializer.extend(kept_inside)
         return graph
 
     then_branch = branch(small, "small", small_outputs)

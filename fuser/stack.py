@@ -280,8 +280,9 @@ def _auto_keeps_plain(group: Group) -> str | None:
     Runtime (``fuser.costs``): which wins depends on the CPU. Where stacked wins at small
     batches and loses at large ones, a switch on the batch size is timed too and, if it
     is never slower than plain, kept (``group.max_stacked_batch``): the group's weights
-    are then in the artifact twice, which at most 32 MB each costs little. Above, measuring would
-    cost seconds and gigabytes, and a fixed rule decides, from measurements on two CPUs:
+    are then in the artifact twice, which at most 32 MB each costs little. Above,
+    measuring would cost seconds and gigabytes, and a fixed rule decides, from
+    measurements on two CPUs:
     dense groups are stacked (1.1 to 1.9x faster at 35 and 138 MB of weights, at every
     batch size), groups with convolutions or pooling are not (slower at large batches),
     nor groups over ``AUTO_MAX_BYTES``.
@@ -327,29 +328,25 @@ def _decide(group: Group, measured: Any) -> str | None:
         return None
     losing = ", ".join(map(str, measured.losing_batches))
     slower = f"--fusion auto measured the stacked form slower than plain branches at batch {losing}"
-    advice = "--fusion stack stacks them."
-    if measured.stacked_limit is None:
-        return (
-            f"{slower} (ONNX Runtime on this machine, stacked vs plain: "
-            f"{measured.describe()}); {advice}"
-        )
-    try:
-        measured.switch = costs.measure_switch(group, measured)
-    except Exception as error:
-        lines = str(error).strip().splitlines() or [type(error).__name__]
-        return (
-            f"{slower} (ONNX Runtime on this machine, stacked vs plain: {measured.describe()}) "
-            f"and timing a switch between both forms failed ({lines[-1]}); {advice}"
-        )
-    if measured.switch_losing_batches:
-        worse = ", ".join(map(str, measured.switch_losing_batches))
-        return (
-            f"{slower}, and a switch to plain above batch {measured.stacked_limit} was slower "
-            f"than plain at batch {worse} (ONNX Runtime on this machine, stacked vs plain: "
-            f"{measured.describe()}); {advice}"
-        )
-    group.max_stacked_batch = measured.stacked_limit
-    return None
+    if measured.stacked_limit is not None:
+        try:
+            measured.switch = costs.measure_switch(group, measured)
+        except Exception as error:
+            lines = str(error).strip().splitlines() or [type(error).__name__]
+            slower += f" and timing a switch between both forms failed ({lines[-1]})"
+        else:
+            if not measured.switch_losing_batches:
+                group.max_stacked_batch = measured.stacked_limit
+                return None
+            worse = ", ".join(map(str, measured.switch_losing_batches))
+            slower += (
+                f", and a switch to plain above batch {measured.stacked_limit} was slower "
+                f"than plain at batch {worse}"
+            )
+    return (
+        f"{slower} (ONNX Runtime on this machine, stacked vs plain: {measured.describe()}); "
+        "--fusion stack stacks them."
+    )
 
 
 def _spatial_layer(graph: Graph) -> str | None:

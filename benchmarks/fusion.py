@@ -8,8 +8,12 @@ writes one member alone, the plain fused graph (``--fusion off``), the stacked o
 (``--fusion stack``) and what ``--fusion auto`` picks, checks that stacked and plain
 agree within 1e-5, and times every artifact through ``runtime.load(...).predict`` (ONNX
 Runtime, default session options) at several batch sizes: median of repeated calls
-after a warm-up. It writes ``DIR/fusion.json`` and ``DIR/FUSION.md`` with the ratios the
-horizontal-fusion issue is judged on.
+after a warm-up. The plain and stacked ensembles are also written as SavedModels and
+timed in TensorFlow (the form TensorFlow Serving runs: grouped convolutions kept apart
+from their bias, so that they run with oneDNN on or off). It writes ``DIR/fusion.json``
+and ``DIR/FUSION.md`` with the ratios the horizontal-fusion issue is judged on; run it
+once with ``TF_ENABLE_ONEDNN_OPTS=0`` and once with ``=1`` (``--out`` apart) to see both
+kinds of CPU.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.machine import describe_machine
+from benchmarks.machine import describe_machine, describe_onednn
 from benchmarks.measure import Budget, timed_calls
 from benchmarks.members import FAMILIES, cnn_family, random_inputs, workdir_or_temporary
 
@@ -73,6 +77,10 @@ def build_artifacts(family: str, paths: list[Path], directory: Path) -> dict[str
         started = time.perf_counter()
         ensemble = fuser.build(members, fusion=fusion)
         path = ensemble.save(directory / f"{family}_{label}.onnx", force=True)
+        if label in ("plain", "stacked"):  # the same ensemble in TensorFlow
+            artifacts[f"tf_{label}"] = {
+                "path": ensemble.save(directory / f"{family}_{label}_savedmodel", force=True)
+            }
         artifacts[label] = {
             "path": path,
             "build_seconds": round(time.perf_counter() - started, 2),
@@ -128,6 +136,7 @@ def run(
             row["stacked_over_one_member_1t"] = round(
                 row["stacked_1t_ms"] / row["one_member_1t_ms"], 3
             )
+            row["tf_stacked_over_tf_plain"] = round(row["tf_stacked_ms"] / row["tf_plain_ms"], 3)
             rows.append(row)
             print(
                 f"{family} N={count} batch {batch}: one member {row['one_member_ms']:.4f} ms, "
@@ -135,7 +144,8 @@ def run(
                 f"(x{row['stacked_over_plain']} of plain, x{row['stacked_over_one_member']} of "
                 f"one member), auto x{row['auto_over_plain']} of plain; one thread: one member "
                 f"{row['one_member_1t_ms']:.4f} ms, stacked {row['stacked_1t_ms']:.4f} ms "
-                f"(x{row['stacked_over_one_member_1t']})",
+                f"(x{row['stacked_over_one_member_1t']}); TensorFlow SavedModel: plain "
+                f"{row['tf_plain_ms']:.4f} ms, stacked {row['tf_stacked_ms']:.4f} ms",
                 flush=True,
             )
         results["families"][family] = {
@@ -145,7 +155,11 @@ def run(
             "auto_reasons": sorted(set(artifacts["auto"]["fusion"]["plain"].values())),
             "auto_notes": artifacts["auto"]["notes"],
             "stacked_layers": artifacts["stacked"]["fusion"]["groups"][0]["layers"],
-            "build_seconds": {label: entry["build_seconds"] for label, entry in artifacts.items()},
+            "build_seconds": {
+                label: entry["build_seconds"]
+                for label, entry in artifacts.items()
+                if "build_seconds" in entry
+            },
             "rows": rows,
         }
     out.mkdir(parents=True, exist_ok=True)
@@ -166,7 +180,9 @@ def report(results: dict[str, Any]) -> str:
         "one process per core).",
         "",
         "Machine: {cpu_model}, {cores_logical} logical cores, {memory_gb} GB, Python {python}, "
-        "load average at start {load_average_at_start}.".format(**results["machine"]),
+        "load average at start {load_average_at_start}.".format(**results["machine"])
+        + f" TensorFlow: {describe_onednn(results['machine'])}; the TensorFlow columns time "
+        "the SavedModel artifacts, everything else ONNX Runtime, which oneDNN does not affect.",
         "",
     ]
     for family, data in results["families"].items():
@@ -180,8 +196,9 @@ def report(results: dict[str, Any]) -> str:
             "",
             "| batch | one member | plain | stacked | auto | stacked / plain | "
             "stacked / one member | plain / one member | one member, 1 thread | "
-            "stacked, 1 thread | stacked / one member, 1 thread |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "stacked, 1 thread | stacked / one member, 1 thread | TensorFlow plain | "
+            "TensorFlow stacked | TensorFlow stacked / plain |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for row in data["rows"]:
             lines.append(
@@ -189,7 +206,8 @@ def report(results: dict[str, Any]) -> str:
                 f"{row['stacked_ms']:.4f} | {row['auto_ms']:.4f} | {row['stacked_over_plain']:.2f} | "
                 f"{row['stacked_over_one_member']:.2f} | {row['plain_over_one_member']:.2f} | "
                 f"{row['one_member_1t_ms']:.4f} | {row['stacked_1t_ms']:.4f} | "
-                f"{row['stacked_over_one_member_1t']:.2f} |"
+                f"{row['stacked_over_one_member_1t']:.2f} | {row['tf_plain_ms']:.4f} | "
+                f"{row['tf_stacked_ms']:.4f} | {row['tf_stacked_over_tf_plain']:.2f} |"
             )
         lines += ["", "Lowering per layer (stacked):", ""]
         for layer in data["stacked_layers"]:

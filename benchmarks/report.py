@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from benchmarks.approaches import APPROACHES, BASELINES, STRONG_BASELINES
+from benchmarks.machine import describe_onednn
 from benchmarks.members import FAMILIES
 
 if TYPE_CHECKING:
@@ -151,6 +152,8 @@ def _machine_section(machine: dict[str, Any]) -> list[str]:
     )
     rows = [
         ("CPU", machine["cpu_model"]),
+        ("vector extensions", ", ".join(machine.get("cpu_vector_extensions") or []) or "?"),
+        ("TensorFlow", describe_onednn(machine)),
         ("cores", cores),
         ("memory", f"{machine['memory_gb']} GB"),
         ("load average at start (1, 5, 15 min)", load),

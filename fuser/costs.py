@@ -40,6 +40,12 @@ _BATCHES = (1, 8, 64, 256, 4096)
 _SECONDS = 0.12  # per batch size and form, after warm-up (two rounds of half)
 _MIN_RUNS = 3  # per round
 _TIMEOUT_SECONDS = 300
+# The forms timed must agree this closely (the build's default tolerance).
+CHECK_TOLERANCE = 1e-4
+
+
+class FormsDisagree(Exception):
+    """ONNX Runtime computes a group's forms differently; the message says by how much."""
 
 
 def _slower(batches: list[int], times: list[float], plain: list[float]) -> list[int]:
@@ -149,7 +155,8 @@ def measure(group: Group) -> Measurement:
     """Time ``group`` stacked and as plain branches, in ONNX Runtime on this machine."""
     batches = _batches(group)
     forms = _converted_forms(group)
-    models = {form: model.SerializeToString() for form, (model, _) in forms.items()}
+    # Plain first: the other forms' answers are checked against its.
+    models = {form: forms[form][0].SerializeToString() for form in ("plain", "stacked")}
     times = _time(models, group, batches)
     measured = Measurement(batches, times["plain"], times["stacked"])
     measured.converted = forms  # for measure_switch
@@ -227,8 +234,19 @@ def _time(models: dict[str, bytes], group: Group, batches: list[int]) -> dict[st
         )
     if done.returncode != 0:
         lines = done.stderr.strip().splitlines()
-        raise RuntimeError(lines[-1] if lines else f"timing exited with {done.returncode}")
-    return json.loads(done.stdout.strip().splitlines()[-1])["ms"]
+        raise RuntimeError(
+            "ONNX Runtime failed to run them: "
+            + (lines[-1] if lines else f"the timing process exited with {done.returncode}")
+        )
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    for form, error in result["error"].items():
+        if not error <= CHECK_TOLERANCE:  # NaN and inf included
+            raise FormsDisagree(
+                f"its {form} form computes different answers in ONNX Runtime than its plain "
+                f"branches (largest difference {error:.3g}, relative to 1 + the value; "
+                f"tolerance {CHECK_TOLERANCE:g}), so it stays plain."
+            )
+    return result["ms"]
 
 
 def _to_onnx(model: Any, specs: Any) -> tuple[Any, list[str]]:
@@ -253,7 +271,7 @@ def _to_onnx(model: Any, specs: Any) -> tuple[Any, list[str]]:
     def serve(*tensors):
         return model(list(tensors), training=False)
 
-    with python_logs_quiet("tensorflow", "tf2onnx"), native_grouped_convolutions():
+    with python_logs_quiet("tensorflow", "tf2onnx"), native_grouped_convolutions("onnx"):
         frozen = convert_variables_to_constants_v2(serve.get_concrete_function())
         converted, _ = tf2onnx.convert.from_graph_def(
             frozen.graph.as_graph_def(),

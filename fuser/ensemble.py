@@ -14,8 +14,8 @@ import numpy as np
 
 from fuser import __version__
 from fuser import uncertainty as uncertainty_lib
-from fuser.errors import FuseError, VerificationError
-from fuser.fuse import assemble
+from fuser.errors import FuseError, StageError, VerificationError, stage
+from fuser.fuse import assemble, failing_groups
 from fuser.heads import Head, WeightedHead, make_head
 from fuser.members import Member, load_members, parse_specs
 from fuser.progress import Reporter
@@ -353,7 +353,8 @@ def _fit(
     _check_head(head, len(members), wiring, tasks)
     for name in specs:
         if head.needs_fit:
-            head.fit(name, values[name], targets[name], tasks[name].kind)
+            with stage("fitting", f"the {head.name} head on {data.source}"):
+                head.fit(name, values[name], targets[name], tasks[name].kind)
         combined = head.reference(values[name], task=tasks[name].kind, output=name)
         record["outputs"][name] = {
             "metric": metrics[name],
@@ -409,25 +410,13 @@ class Ensemble:
         self.tolerance = tolerance
         self.reporter = Reporter(enabled=False)
         self.fusion = fusion or FusionPlan("off", [], {})
-        self.model = assemble(
-            self.members,
-            wiring,
-            head,
-            tasks={name: task.kind for name, task in self.tasks.items()},
-            uncertainty=uncertainty,
-            expose_members=expose_members,
-            fusion=self.fusion,
-        )
-        self.outputs: tuple[TensorSpec, ...] = tuple(
-            TensorSpec(name, tuple(tensor.shape), "float32")
-            for name, tensor in self.model.output.items()
-        )
-        self._function = self.serving_function(jit_compile=xla)
         self.probe = probe
         self.reference = self._reference(
             wiring, probe_values, uncertainty=uncertainty, expose_members=expose_members
         )
-        error = self.verify(lambda feeds: self.predict(feeds, as_dict=True), "The fused model")
+        error = self._fuse(
+            wiring, probe_values, uncertainty=uncertainty, expose_members=expose_members
+        )
         self.verification = {
             "probe_batch": len(next(iter(probe.values()))),
             "tolerance": tolerance,
@@ -437,8 +426,69 @@ class Ensemble:
         self.nonfinite = nonfinite
         self._build_info = build_info or {}
 
-    def serving_function(self, *, jit_compile: bool = False) -> Any:
-        """A ``tf.function`` with a fixed signature (dynamic batch) returning named outputs."""
+    def _fuse(
+        self,
+        wiring: Plan,
+        probe_values: dict[str, np.ndarray],
+        *,
+        uncertainty: bool,
+        expose_members: bool,
+    ) -> float:
+        """Assemble, compile and verify the fused model; returns its max abs error.
+
+        A stacked group whose form fails in TensorFlow, or disagrees with its members, is
+        found by running each group on its own: under ``--fusion auto`` it becomes plain
+        branches again (the plan records why) and the model is assembled anew; under
+        ``--fusion stack`` the build fails naming the group.
+        """
+        while True:
+            try:
+                with stage("fusing", "the members into one model"):
+                    self.model = assemble(
+                        self.members,
+                        wiring,
+                        self.head,
+                        tasks={name: task.kind for name, task in self.tasks.items()},
+                        uncertainty=uncertainty,
+                        expose_members=expose_members,
+                        fusion=self.fusion,
+                    )
+                self.outputs = tuple(
+                    TensorSpec(name, tuple(tensor.shape), "float32")
+                    for name, tensor in self.model.output.items()
+                )
+                subject = "the fused model" + (" with XLA" if self.xla else "")
+                with stage("compiling", subject):
+                    self._function = self.serving_function(jit_compile=self.xla)
+                with stage("verifying", "the fused model"):
+                    return self.verify(
+                        lambda feeds: self.predict(feeds, as_dict=True), "The fused model"
+                    )
+            except (StageError, VerificationError) as failure:
+                failing = failing_groups(
+                    self.fusion, self.members, wiring, self.probe, probe_values, self.tolerance
+                )
+                if not failing:
+                    raise
+                if self.fusion.mode != "auto":
+                    group, reason = failing[0]
+                    names = ", ".join(member.name for member in group.members)
+                    raise VerificationError(
+                        f"The stacked form of the group {names} {reason}; --fusion off (or "
+                        "auto) keeps these members plain branches."
+                    ) from failure
+                for group, reason in failing:
+                    self.fusion.demote(
+                        group, f"its stacked form {reason} on this machine, so it stays plain."
+                    )
+
+    def serving_function(self, *, jit_compile: bool = False, target: str = "tensorflow") -> Any:
+        """A ``tf.function`` with a fixed signature (dynamic batch) returning named outputs.
+
+        ``target`` is who will run the traced graph: ``"tensorflow"`` (verification, the
+        SavedModel) or ``"onnx"`` (the graph tf2onnx converts); see
+        ``runtime._keras.native_grouped_convolutions``.
+        """
         import tensorflow as tf
 
         model = self.model
@@ -453,7 +503,7 @@ class Ensemble:
             return {name: tf.cast(value, tf.float32) for name, value in outputs.items()}
 
         # Traced now, once: stacked grouped convolutions must be plain TensorFlow ops.
-        with native_grouped_convolutions():
+        with native_grouped_convolutions(target):
             serve.get_concrete_function()
         return serve
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+import re
+from collections.abc import Iterable, Iterator
 
 
 class FuseError(ValueError):
@@ -17,5 +19,69 @@ class FuseError(ValueError):
         super().__init__("\n".join(self.problems))
 
 
+class StageError(FuseError):
+    """A stage of the build failed inside TensorFlow, Keras, tf2onnx, ONNX or ONNX Runtime.
+
+    Not bad input (the CLI exits with status 1): the message names the stage (loading,
+    fusing, compiling, verifying, converting, timing), what it worked on, the library and
+    its error in one line; the original exception is chained (``__cause__``).
+    """
+
+    def __init__(self, stage: str, subject: str, error: BaseException) -> None:
+        self.stage, self.subject = stage, subject
+        library = library_of(error)
+        where = f"in {library}" if library else f"with {type(error).__name__}"
+        text = brief(error)
+        super().__init__(
+            f"{stage[:1].upper()}{stage[1:]} {subject} failed {where}: {text}"
+            f"{'' if text.endswith('.') else '.'}"
+        )
+
+
 class VerificationError(RuntimeError):
     """A fused model or an artifact disagrees with its members beyond tolerance."""
+
+
+_LIBRARIES = (
+    ("tensorflow", "TensorFlow"),
+    ("keras", "Keras"),
+    ("tf2onnx", "tf2onnx"),
+    ("onnxruntime", "ONNX Runtime"),
+    ("onnx", "ONNX"),
+    ("google.protobuf", "protobuf"),
+    ("sklearn", "scikit-learn"),
+    ("runtime", "fuser's runtime"),
+)
+
+
+def library_of(error: BaseException) -> str | None:
+    """The library an exception comes from, by its class's module (``TensorFlow``...);
+    None for Python's own exceptions."""
+    module = type(error).__module__ or ""
+    for prefix, name in _LIBRARIES:
+        if module == prefix or module.startswith(prefix + "."):
+            return name
+    return None if module == "builtins" else module.split(".")[0]
+
+
+def brief(error: BaseException) -> str:
+    """An exception's message as one line: TensorFlow's graph-node annotations removed."""
+    text = getattr(error, "message", None) or str(error) or type(error).__name__
+    text = re.sub(r"\{\{[^}]*\}\}", "", str(text))
+    text = re.sub(r"\[\[.*?\]\]|\[Op:[^\]]*\]", "", text, flags=re.DOTALL)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+@contextlib.contextmanager
+def stage(name: str, subject: str = "") -> Iterator[None]:
+    """Turn any failure of a library inside the block into one ``StageError``.
+
+    ``FuseError`` and ``VerificationError`` pass unchanged: they already say what is wrong.
+    """
+    try:
+        yield
+    except (FuseError, VerificationError):
+        raise
+    except Exception as error:
+        raise StageError(name, subject or "the ensemble", error) from error

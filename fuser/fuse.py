@@ -5,8 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from fuser import stack as stack_lib
 from fuser import uncertainty as uncertainty_lib
+from fuser.errors import StageError, brief, library_of
 from fuser.heads import Head
 from fuser.members import Member
 from fuser.stack import FusionPlan
@@ -72,6 +75,14 @@ def assemble(
                 outputs = list(switch(group_inputs))
         except stack_lib.Unsupported as reason:
             fusion.demote(group, str(reason))
+            continue
+        except Exception as error:  # Keras refused the lowered layers
+            names = ", ".join(member.name for member in group.members)
+            if fusion.mode != "auto":
+                raise StageError("fusing", f"the stacked group of {names}", error) from error
+            fusion.demote(
+                group, f"lowering its stacked form failed ({library_of(error)}: {brief(error)})."
+            )
             continue
         indices = [position[member.name] for member in group.members]
         for slot, index in enumerate(plan.output_order[first.name]):
@@ -151,3 +162,62 @@ def group_forms(group: stack_lib.Group, prefix: str) -> dict[str, Any]:
             inputs, [ops.cast(value, "float32") for value in plain], name=f"{prefix}_plain"
         ),
     }
+
+
+def failing_groups(
+    fusion: FusionPlan,
+    members: Sequence[Member],
+    wiring: Plan,
+    probe: dict[str, np.ndarray],
+    probe_values: dict[str, np.ndarray],
+    tolerance: float,
+) -> list[tuple[stack_lib.Group, str]]:
+    """The stacked groups whose stacked form fails in TensorFlow or disagrees with the
+    members' own outputs on the probe batch, each run on its own, with why.
+
+    ``probe_values`` are the members' outputs (fused output name -> ``(members, rows,
+    ...)``, in the order of ``members``), as ``fuser.ensemble.member_values`` gives them.
+    """
+    import tensorflow as tf
+
+    from runtime._keras import native_grouped_convolutions
+
+    position = {member.name: index for index, member in enumerate(members)}
+    failing = []
+    for number, group in enumerate(fusion.groups):
+        first = group.members[0]
+        try:
+            model = group_forms(group, f"check{number}")["stacked"]
+            function = tf.function(lambda *tensors, model=model: model(list(tensors)))
+            feeds = [tf.constant(probe[name]) for name in wiring.input_order[first.name]]
+            with native_grouped_convolutions("tensorflow"):
+                results = tf.nest.flatten(function(*feeds))
+            outputs = [np.asarray(value, np.float64) for value in results]
+        except Exception as error:
+            where = library_of(error) or type(error).__name__
+            detail = brief(error) if where == "TensorFlow" else f"{where}: {brief(error)}"
+            failing.append((group, f"fails in TensorFlow ({detail})"))
+            continue
+        indices = [position[member.name] for member in group.members]
+        for slot, spec in enumerate(wiring.outputs):
+            got = outputs[wiring.output_order[first.name][slot]]
+            want = np.swapaxes(probe_values[spec.name][indices], 0, 1)
+            problem = _disagreement(got, want, tolerance)
+            if problem:
+                failing.append((group, f"{problem} on output '{spec.name}'"))
+                break
+    return failing
+
+
+def _disagreement(got: np.ndarray, want: np.ndarray, tolerance: float) -> str | None:
+    """Why ``got`` differs from ``want`` beyond ``tolerance`` (absolute, and relative to the
+    value's size), or None; NaN and inf must sit in the same places."""
+    if got.shape != want.shape:
+        return f"gives shape {got.shape} where the members give {want.shape}"
+    if not np.array_equal(np.isfinite(got), np.isfinite(want)):
+        return "gives NaN or inf where the members do not"
+    finite = np.isfinite(want)
+    difference = np.abs(got[finite] - want[finite])
+    if np.any(difference > tolerance * (1.0 + np.abs(want[finite]))):
+        return f"differs from the members by up to {difference.max():.3g} (tolerance {tolerance:g})"
+    return None

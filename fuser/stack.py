@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from fuser.errors import brief, library_of
 from fuser.members import Member
 
 MODES = ("auto", "off", "stack")
@@ -255,6 +256,12 @@ def plan_fusion(
         except Unsupported as reason:
             plain[member.name] = str(reason)
             continue
+        except Exception as error:  # a graph this planner misreads stays plain, never fails
+            where = library_of(error) or type(error).__name__
+            plain[member.name] = (
+                f"its layer graph could not be read for stacking ({where}: {brief(error)})."
+            )
+            continue
         key = (graph.signature, tuple(input_order[member.name]), tuple(output_order[member.name]))
         buckets.setdefault(key, []).append((member, graph))
     groups = []
@@ -300,11 +307,14 @@ def _auto_keeps_plain(group: Group) -> str | None:
     if size <= costs.MEASURE_MAX_BYTES:
         try:
             measured = costs.measure(group)
-        except Unsupported as reason:
+        except (Unsupported, costs.FormsDisagree) as reason:
             return str(reason)
         except Exception as error:  # converting or timing either form failed
-            lines = str(error).strip().splitlines() or [type(error).__name__]
-            return f"--fusion auto could not time the two forms, so they stay plain: {lines[-1]}"
+            where = library_of(error) or type(error).__name__
+            return (
+                "--fusion auto could not convert and time the two forms, so they stay plain "
+                f"({where}: {brief(error)})"
+            )
         group.measured = measured
         try:
             return _decide(group, measured)
@@ -331,9 +341,10 @@ def _decide(group: Group, measured: Any) -> str | None:
     if measured.stacked_limit is not None:
         try:
             measured.switch = costs.measure_switch(group, measured)
+        except costs.FormsDisagree as reason:
+            return str(reason)
         except Exception as error:
-            lines = str(error).strip().splitlines() or [type(error).__name__]
-            slower += f" and timing a switch between both forms failed ({lines[-1]})"
+            slower += f" and timing a switch between both forms failed ({brief(error)})"
         else:
             if not measured.switch_losing_batches:
                 group.max_stacked_batch = measured.stacked_limit

@@ -47,6 +47,7 @@ def workdir(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.stacking
 def test_every_approach_agrees_with_the_reference_and_fused_onnx_starts_without_tensorflow(
     workdir, tmp_path
 ):
@@ -169,6 +170,7 @@ def test_inputs_are_the_same_for_every_call():
 
 
 @pytest.mark.slow
+@pytest.mark.stacking
 def test_fusion_benchmark_compares_stacked_plain_auto_and_one_member(tmp_path):
     results = fusion.run(
         tmp_path / "out",
@@ -187,7 +189,16 @@ def test_fusion_benchmark_compares_stacked_plain_auto_and_one_member(tmp_path):
     for family in (mlp, cnn):
         assert family["max_abs_difference_stacked_vs_plain"] <= 1e-5
         for row in family["rows"]:
-            for label in ("one_member", "plain", "stacked", "auto", "one_member_1t", "stacked_1t"):
+            for label in (
+                "one_member",
+                "plain",
+                "stacked",
+                "auto",
+                "one_member_1t",
+                "stacked_1t",
+                "tf_plain",
+                "tf_stacked",
+            ):
                 assert row[f"{label}_ms"] > 0 and row[f"{label}_calls"] >= 2
             # Rounded to three decimals in the results.
             assert row["stacked_over_plain"] == pytest.approx(
@@ -199,6 +210,10 @@ def test_fusion_benchmark_compares_stacked_plain_auto_and_one_member(tmp_path):
     markdown = (tmp_path / "out" / "FUSION.md").read_text()
     assert "## mlp, 3 members" in markdown and "## cnn, 2 members" in markdown
     assert "stacked / one member, 1 thread" in markdown
+    assert "TensorFlow stacked / plain" in markdown
+    onednn = written["machine"]["tensorflow_onednn"]
+    assert onednn in (True, False)
+    assert ("oneDNN on" if onednn else "oneDNN off") in markdown
 
 
 @pytest.mark.slow

@@ -17,6 +17,9 @@ from fuser import export
 from fuser.packaging import export_triton
 from runtime import IntegrityError
 
+# Builds stacked groups: CI runs these with oneDNN on and off.
+pytestmark = pytest.mark.stacking
+
 PATHS = ["a.keras", "b.h5", "c_export"]
 
 

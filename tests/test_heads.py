@@ -16,6 +16,9 @@ import runtime
 from fuser import FuseError
 from fuser.cli import main
 
+# Builds stacked groups: CI runs these with oneDNN on and off.
+pytestmark = pytest.mark.stacking
+
 CLASSIFIERS = ["a.keras", "b.h5", "c_export", "d_tfsave"]
 
 

@@ -20,6 +20,9 @@ from test_cli import run_cli
 import runtime
 from fuser.errors import FuseError
 
+# Builds stacked groups: CI runs these with oneDNN on and off.
+pytestmark = pytest.mark.stacking
+
 TOLERANCE = 1e-5
 
 

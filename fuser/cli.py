@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fuser.errors import FuseError, VerificationError
+from fuser.errors import FuseError, StageError, VerificationError
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -45,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _is_bad_input(error: BaseException) -> bool:
     from runtime.errors import ArtifactError  # cheap: no onnxruntime, no TensorFlow
 
-    if isinstance(error, VerificationError):
+    if isinstance(error, (VerificationError, StageError)):
         return False
     return isinstance(error, (FuseError, ArtifactError, ValueError, TypeError, FileNotFoundError))
 
@@ -57,13 +57,17 @@ def _message(error: BaseException) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
+    # --debug is read before or after the subcommand: the subcommands' copy has no default,
+    # so it never resets what the main parser read (argparse's defaults would).
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    common.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors"
+    )
     parser = argparse.ArgumentParser(
         prog="fuser",
         description="Compile N saved Keras/TensorFlow models into ONE fused, verified artifact.",
-        parents=[common],
     )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     build = commands.add_parser(
@@ -180,6 +184,7 @@ def _parser() -> argparse.ArgumentParser:
         "--output", required=True, type=Path, help=".npy (one output) or .npz (all outputs)"
     )
     predict.add_argument("--batch-size", type=int, help="rows per forward pass")
+    predict.add_argument("--force", action="store_true", help="replace an existing --output")
     predict.add_argument(
         "--threads", type=int, help="ONNX Runtime intra-op threads (default: one per core)"
     )
@@ -489,34 +494,63 @@ def _head_params(params: dict[str, Any]) -> str:
 
 
 def _predict(arguments: argparse.Namespace) -> int:
-    import numpy as np
-
     import runtime
 
+    _check_output(arguments.output, force=arguments.force)  # before any work
     model = runtime.load(
         arguments.artifact, threads=arguments.threads, verify=not arguments.no_verify
     )
     batch = _read_batch(arguments.input, [spec.name for spec in model.inputs])
     result = model.predict(batch, batch_size=arguments.batch_size)
     outputs = result if isinstance(result, dict) else {model.outputs[0].name: result}
-    path = arguments.output
-    if path.suffix.lower() == ".npz":
-        temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")
-        np.savez(temporary, **outputs)
-    elif path.suffix.lower() == ".npy":
-        if len(outputs) > 1:
-            raise ValueError(
-                f"This ensemble has {len(outputs)} outputs ({', '.join(outputs)}); write them "
-                f"to an .npz file, not {path}."
-            )
-        temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}.npy")
-        np.save(temporary, next(iter(outputs.values())))
-    else:
-        raise ValueError(f"--output must end in .npy or .npz, received {path}.")
-    os.replace(temporary, path)
+    _write_outputs(arguments.output, outputs, force=arguments.force)
     rows = next(iter(outputs.values())).shape[0]
-    print(f"Wrote {rows} rows of {', '.join(outputs)} to {path}.", file=sys.stderr)
+    print(f"Wrote {rows} rows of {', '.join(outputs)} to {arguments.output}.", file=sys.stderr)
     return EXIT_OK
+
+
+def _check_output(path: Path, *, force: bool) -> None:
+    if path.suffix.lower() not in (".npy", ".npz"):
+        raise ValueError(f"--output must end in .npy or .npz, received {path}.")
+    if path.is_dir():
+        raise ValueError(f"--output {path} is a folder; give a .npy or .npz file path.")
+    if (path.exists() or path.is_symlink()) and not force:
+        raise ValueError(f"--output {path} already exists; pass --force to replace it.")
+    if not path.parent.is_dir():
+        raise ValueError(f"The folder {path.parent} of --output {path} does not exist.")
+
+
+def _write_outputs(path: Path, outputs: dict[str, Any], *, force: bool) -> None:
+    """Write the answers to ``path`` (.npy for one output, .npz for any): beside it first,
+    then one rename; a failed write (a full disk, say) leaves nothing behind."""
+    import numpy as np
+
+    from fuser import placement
+
+    suffix = path.suffix.lower()
+    _check_output(path, force=force)
+    if suffix == ".npy" and len(outputs) > 1:
+        raise ValueError(
+            f"This ensemble has {len(outputs)} outputs ({', '.join(outputs)}); write them "
+            f"to an .npz file, not {path}."
+        )
+    temporary = placement.temporary_beside(path)
+    try:
+        with open(temporary, "wb") as handle:
+            if suffix == ".npz":
+                np.savez(handle, **outputs)
+            else:
+                np.save(handle, next(iter(outputs.values())))
+            handle.flush()
+            os.fsync(handle.fileno())
+        if force:
+            os.replace(temporary, path)
+        else:
+            placement.place(temporary, path, "onnx", force=False)
+    except OSError as error:
+        raise OSError(f"Could not write {path}: {error.strerror or error}.") from error
+    finally:
+        placement.remove(temporary)
 
 
 def _serve(arguments: argparse.Namespace) -> int:

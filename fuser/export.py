@@ -11,12 +11,8 @@ build in that directory removes.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import os
 import re
-import shutil
-import uuid
 import zipfile
 from collections import Counter
 from collections.abc import Sequence
@@ -26,8 +22,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fuser import onnx_switch
-from fuser.errors import FuseError
+from fuser import onnx_switch, placement
+from fuser.errors import FuseError, stage
+from fuser.placement import TEMPORARY_PREFIX
 from runtime import integrity
 from runtime import manifest as manifest_lib
 from runtime.backends import open_backend
@@ -37,7 +34,6 @@ if TYPE_CHECKING:
 
 DEFAULT_OPSET = 17
 SUPPORTED_OPSETS = range(13, 19)  # what tf2onnx 1.17 converts to
-TEMPORARY_PREFIX = ".fuser-tmp-"
 _REFUSED_SUFFIXES = (".h5", ".hdf5", ".pb", ".tflite", ".npy", ".npz", ".json", ".zip")
 
 
@@ -65,10 +61,8 @@ def destination_problems(paths: Sequence[Path], *, force: bool) -> list[str]:
                 f"The output {path} has suffix {path.suffix}; fuser writes .onnx files, .keras "
                 "files, or SavedModel directories (any other path)."
             )
-        elif path.exists() and not force:
-            problems.append(
-                f"The output {path} already exists; pass --force (force=True) to replace it."
-            )
+        else:
+            problems += placement.destination_problems(path, output_format(path), force=force)
     return problems
 
 
@@ -101,19 +95,21 @@ def write(ensemble: Ensemble, path: Path, *, force: bool = False, opset: int | N
     if problems:
         raise FuseError(problems)
     kind = output_format(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path.parent)
-    temporary = path.parent / f"{TEMPORARY_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}-{path.name}"
+    placement.remove_stale_temporaries(path.parent)
+    temporary = placement.temporary_beside(path)
     # Named now: whatever fails after the writer made it, the data file goes too.
     data_file = path.parent / _external_data_name(temporary)
     external: list[str] = []
     placed = False
     try:
         with ensemble.reporter.task(f"Writing {path}"):
-            details = _WRITERS[kind](ensemble, temporary, opset or DEFAULT_OPSET)
-            backend = open_backend(temporary, read_manifest=False)
-            error = ensemble.verify(backend.run, f"The {kind} artifact {path}")
-            del backend
+            subject = f"the {kind} artifact {path}"
+            with stage("converting" if kind == "onnx" else "writing", subject):
+                details = _WRITERS[kind](ensemble, temporary, opset or DEFAULT_OPSET)
+            with stage("verifying", subject):
+                backend = open_backend(temporary, read_manifest=False)
+                error = ensemble.verify(backend.run, f"The {kind} artifact {path}")
+                del backend
             manifest = ensemble.manifest
             manifest["artifact"] = {"format": kind, **details}
             manifest["verification"]["artifact"] = {
@@ -129,12 +125,12 @@ def write(ensemble: Ensemble, path: Path, *, force: bool = False, opset: int | N
                 _sync(item)
             # External data files already have their final, hidden, build-unique names:
             # the one rename of the model below switches to them.
-            _place(temporary, path)
+            placement.place(temporary, path, kind, force=force)
             placed = True
     finally:
-        _remove(temporary)
+        placement.remove(temporary)
         if not placed:
-            _remove(data_file)
+            placement.remove(data_file)
     if kind == "onnx":
         _remove_unused_data(path, keep=external)
     ensemble.reporter.note(f"Wrote {path} ({kind}, max abs error {error:.2e} against the members).")
@@ -340,8 +336,8 @@ def _convert_once(ensemble: Ensemble, opset: int, tf: Any, tf2onnx: Any) -> tupl
     if size > min(WEIGHTS_AS_INPUTS_BYTES, EXTERNAL_DATA_BYTES):
         function, weights = _weights_as_inputs(ensemble, tf)
     else:
-        # Traced by serving_function, grouped convolutions as TensorFlow's own op.
-        function = ensemble.serving_function(jit_compile=False)
+        # Grouped convolutions as TensorFlow's own op, bare, as ONNX's Conv takes them.
+        function = ensemble.serving_function(target="onnx")
     concrete = function.get_concrete_function()
     # Freezing turns captured variables and constants (a Normalization layer's mean, say)
     # into graph constants; unfrozen, tf2onnx would make them extra graph inputs. With
@@ -393,7 +389,7 @@ def _weights_as_inputs(ensemble: Ensemble, tf: Any) -> tuple[Any, dict[str, Any]
         )
         return {name: tf.cast(value, tf.float32) for name, value in outputs.items()}
 
-    with native_grouped_convolutions():
+    with native_grouped_convolutions("onnx"):
         serve.get_concrete_function()
     weights = {
         f"{name}:0": np.asarray(variable.numpy()) for name, variable in zip(names, variables)
@@ -480,8 +476,8 @@ def _remove_unused_data(path: Path, keep: Sequence[str]) -> None:
         if match is None or entry.name in keep:
             continue
         pid = int(match.group(1))
-        if pid == os.getpid() or not _alive(pid):
-            _remove(entry)
+        if pid == os.getpid() or not placement.alive(pid):
+            placement.remove(entry)
 
 
 def _sync(path: Path) -> None:
@@ -490,61 +486,3 @@ def _sync(path: Path) -> None:
     for file in files:
         with open(file, "rb") as handle:
             os.fsync(handle.fileno())
-
-
-def _place(temporary: Path, path: Path) -> None:
-    """Move ``temporary`` to ``path`` in one step; an existing ``path`` is swapped out atomically."""
-    if not path.exists() or (path.is_file() and temporary.is_file()):
-        os.replace(temporary, path)
-    elif not _exchange(temporary, path):
-        # No atomic exchange on this system: move the old one aside first.
-        aside = path.parent / f"{TEMPORARY_PREFIX}{os.getpid()}-old-{path.name}"
-        os.replace(path, aside)
-        os.replace(temporary, path)
-        _remove(aside)
-    else:
-        _remove(temporary)  # now holds the previous artifact
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-
-
-def _exchange(first: Path, second: Path) -> bool:
-    """Swap two paths atomically with Linux ``renameat2(RENAME_EXCHANGE)``; False if unavailable."""
-    libc_name = ctypes.util.find_library("c")
-    if libc_name is None:
-        return False
-    libc = ctypes.CDLL(libc_name, use_errno=True)
-    renameat2 = getattr(libc, "renameat2", None)
-    if renameat2 is None:
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    result = renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange)
-    return result == 0
-
-
-def remove_stale_temporaries(directory: Path) -> None:
-    """Remove temporaries left by builds that died (their process is gone)."""
-    for entry in directory.glob(f"{TEMPORARY_PREFIX}*"):
-        pid_text = entry.name[len(TEMPORARY_PREFIX) :].split("-", 1)[0]
-        if pid_text.isdigit() and not _alive(int(pid_text)):
-            _remove(entry)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists() or path.is_symlink():
-        path.unlink(missing_ok=True)

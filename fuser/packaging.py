@@ -5,7 +5,12 @@
 the manifest); ``fuser export tfserving ARTIFACT_DIR REPO`` writes
 ``REPO/<name>/<version>/`` as TF Serving's model server expects. The artifact is checked
 against its seal first and copied byte for byte, so the copy stays verifiable. Each model
-directory is assembled under a hidden temporary name and renamed into place.
+directory is assembled under a hidden temporary name and placed with one rename
+(``fuser.placement``): ``--force`` replaces only what fuser exported there before.
+
+A model name is one path component inside the repository, as Triton and TF Serving
+name models by their folder: letters, digits, ``_``, ``.`` and ``-``, not starting with
+a dot (so never ``.``, ``..`` or a hidden folder), at most 255 characters.
 """
 
 from __future__ import annotations
@@ -13,10 +18,10 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
+from fuser import placement
 from fuser.errors import FuseError
 
 TRITON_DTYPES = {
@@ -33,7 +38,9 @@ TRITON_DTYPES = {
     "float32": "TYPE_FP32",
     "float64": "TYPE_FP64",
 }
-_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
+_NAME = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,254}$")
+# TF Serving reads version folders as int64.
+_MAX_VERSION = 2**63 - 1
 
 
 def _checked_manifest(artifact: Path, kind: str) -> dict[str, Any]:
@@ -53,23 +60,13 @@ def _checked_manifest(artifact: Path, kind: str) -> dict[str, Any]:
         raise FuseError(str(error)) from None
 
 
-def _model_directory(repository: Path, name: str, force: bool) -> Path:
-    if not _NAME.match(name):
-        raise FuseError(f"The model name {name!r} may hold only letters, digits, '_', '.' and '-'.")
-    target = repository / name
-    if target.exists() and not force:
-        raise FuseError(f"{target} already exists; pass --force (force=True) to replace it.")
-    return target
-
-
-def _place(staging: Path, target: Path) -> None:
-    if target.exists():
-        aside = target.parent / f".fuser-tmp-{os.getpid()}-old-{target.name}"
-        os.replace(target, aside)
-        os.replace(staging, target)
-        shutil.rmtree(aside, ignore_errors=True)
-    else:
-        os.replace(staging, target)
+def _model_directory(repository: Path, name: str) -> Path:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise FuseError(
+            f"The model name {name!r} must be one folder name inside the repository: letters, "
+            "digits, '_', '.' and '-', not starting with '.', at most 255 characters."
+        )
+    return repository / name
 
 
 def triton_config(
@@ -145,8 +142,8 @@ def export_triton(
     if problems:
         raise FuseError(problems)
     manifest = _checked_manifest(artifact, "onnx")
-    name = name or artifact.stem
-    target = _model_directory(repository, name, force)
+    name = artifact.stem if name is None else name
+    target = _model_directory(repository, name)
     config = triton_config(
         manifest,
         name,
@@ -155,17 +152,14 @@ def export_triton(
         instances=instances,
     )
     repository.mkdir(parents=True, exist_ok=True)
-    staging = repository / f".fuser-tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{name}"
-    try:
+    placement.check_destination(target, "triton", force=force)
+    with placement.staged(target, "triton", force=force) as staging:
         (staging / "1").mkdir(parents=True)
         shutil.copyfile(artifact, staging / "1" / "model.onnx")
         # Weights over 2 GB live beside the model, found by their (unchanged) names.
         for data in manifest["artifact"].get("external_data", []):
             shutil.copyfile(artifact.resolve().parent / data, staging / "1" / data)
         (staging / "config.pbtxt").write_text(config)
-        _place(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
@@ -179,19 +173,23 @@ def export_tfserving(
 ) -> Path:
     """Copy a SavedModel artifact to ``repository/<name>/<version>/``; returns that directory."""
     artifact, repository = Path(artifact), Path(repository)
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise FuseError(f"--version must be a positive integer, got {version!r}.")
+    if (
+        isinstance(version, bool)
+        or not isinstance(version, int)
+        or not 1 <= version <= _MAX_VERSION
+    ):
+        raise FuseError(
+            f"--version must be an integer from 1 to {_MAX_VERSION} (TF Serving reads version "
+            f"folders as int64), got {version!r}."
+        )
     _checked_manifest(artifact, "savedmodel")
-    name = name or artifact.name
-    model = _model_directory(repository, name, force=True)
+    name = artifact.name if name is None else name
+    model = _model_directory(repository, name)
     target = model / str(version)
-    if target.exists() and not force:
-        raise FuseError(f"{target} already exists; pass --force (force=True) to replace it.")
+    if model.exists() and not model.is_dir():
+        raise FuseError(f"{model} exists and is not a folder; TF Serving needs a folder there.")
     model.mkdir(parents=True, exist_ok=True)
-    staging = model / f".fuser-tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{version}"
-    try:
+    placement.check_destination(target, "tfserving", force=force)
+    with placement.staged(target, "tfserving", force=force) as staging:
         shutil.copytree(artifact, staging)
-        _place(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target

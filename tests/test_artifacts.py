@@ -131,7 +131,9 @@ def test_artifacts_do_not_refer_back_to_member_files(members_dir, tmp_path, feat
 
 
 @pytest.mark.parametrize("name", ["exists.onnx", "exists.keras", "exists_dir"])
-def test_existing_output_is_kept_without_force_and_replaced_with_it(members_dir, tmp_path, name):
+def test_force_replaces_only_an_artifact_of_the_same_kind(members_dir, tmp_path, name):
+    """Without --force nothing is replaced; with it only a fuser artifact of the same kind.
+    A user's file or folder at the path is refused either way, and kept as it was."""
     ensemble = fuser.build([members_dir / "a.keras", members_dir / "b.h5"])
     target = tmp_path / name
     if target.suffix:
@@ -139,17 +141,32 @@ def test_existing_output_is_kept_without_force_and_replaced_with_it(members_dir,
     else:
         target.mkdir()
         (target / "precious.txt").write_text("keep me")
+
+    def intact() -> bool:
+        if target.is_file():
+            return target.read_bytes() == b"precious"
+        return [entry.name for entry in target.iterdir()] == ["precious.txt"]
+
     with pytest.raises(
         FuseError, match=r"already exists; pass --force \(force=True\) to replace it"
     ):
         ensemble.save(target)
-    assert (target.read_bytes() if target.is_file() else (target / "precious.txt").read_text()) in (
-        b"precious",
-        "keep me",
-    )
+    assert intact()
+    with pytest.raises(
+        FuseError,
+        match=rf"The output .*{name} exists and is not a fuser .* artifact; --force replaces "
+        "only those, never other files or folders",
+    ):
+        ensemble.save(target, force=True)
+    assert intact()
 
-    ensemble.save(target, force=True)
-    assert runtime.load(target).manifest["artifact"]["format"] in ("onnx", "keras", "savedmodel")
+    other = tmp_path / f"artifact_{name}"
+    ensemble.save(other)
+    first = runtime.load(other).manifest["created"]
+    fuser.build([members_dir / "b.h5"]).save(other, force=True)  # an artifact: replaced
+    replaced = runtime.load(other)
+    assert [member["name"] for member in replaced.manifest["members"]] == ["b"]
+    assert first
     assert not list(tmp_path.glob(f"{TEMPORARY_PREFIX}*"))
 
 
@@ -173,15 +190,26 @@ def test_failed_verification_writes_nothing(members_dir, tmp_path, monkeypatch):
 
 def test_stale_temporaries_of_dead_builds_are_removed(members_dir, tmp_path):
     dead_pid = 2**22 + 12345  # above the default pid_max: no such process
-    stale_file = tmp_path / f"{TEMPORARY_PREFIX}{dead_pid}-abcd-x.onnx"
-    stale_dir = tmp_path / f"{TEMPORARY_PREFIX}{dead_pid}-abcd-y"
-    live = tmp_path / f"{TEMPORARY_PREFIX}{os.getpid()}-abcd-z.onnx"
+    stale_file = tmp_path / f"{TEMPORARY_PREFIX}{dead_pid}-abcdef12-x.onnx"
+    stale_dir = tmp_path / f"{TEMPORARY_PREFIX}{dead_pid}-0123abcd-y"
+    live = tmp_path / f"{TEMPORARY_PREFIX}{os.getpid()}-abcdef12-z.onnx"
+    # Names fuser never gives its temporaries: someone else's, kept whatever they hold.
+    others = [
+        tmp_path / f"{TEMPORARY_PREFIX}{dead_pid}-old-repo",
+        tmp_path / f"{TEMPORARY_PREFIX}{dead_pid}-notes",
+        tmp_path / f"{TEMPORARY_PREFIX}{dead_pid}-abcd-x.onnx",
+    ]
     stale_file.write_bytes(b"half")
     stale_dir.mkdir()
     live.write_bytes(b"in progress")
+    for other in others:
+        other.mkdir()
+        (other / "thesis.txt").write_text("years of work")
     fuser.build([members_dir / "a.keras"]).save(tmp_path / "fresh.onnx")
     assert not stale_file.exists() and not stale_dir.exists()
     assert live.exists()  # a build still running is left alone
+    for other in others:
+        assert (other / "thesis.txt").read_text() == "years of work"
 
 
 def test_verification_tolerance_option_is_checked(members_dir):

@@ -226,6 +226,19 @@ def _parser() -> argparse.ArgumentParser:
         default=64 * 2**20,
         help="largest request body (default 64 MiB)",
     )
+    serve.add_argument(
+        "--request-timeout-s",
+        type=float,
+        default=60.0,
+        help="seconds a client has to send a whole request, headers and body (default 60)",
+    )
+    serve.add_argument(
+        "--max-connections",
+        type=int,
+        default=512,
+        help="open connections at most; past it, the one waiting longest for a request is "
+        "closed (default 512)",
+    )
     serve.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
     serve.add_argument(
         "--no-verify", action="store_true", help="skip the check against the SHA-256 seal"
@@ -556,13 +569,13 @@ def _write_outputs(path: Path, outputs: dict[str, Any], *, force: bool) -> None:
 def _serve(arguments: argparse.Namespace) -> int:
     try:
         import starlette  # noqa: F401
-        import uvicorn
+        import uvicorn  # noqa: F401
     except ImportError:
         raise FuseError(
             'fuser serve needs the serve extra: pip install "fuser[serve]" (starlette, uvicorn).'
         ) from None
     import runtime
-    from runtime.server import ServeOptions, create_app
+    from runtime.server import ServeOptions, run
 
     options = ServeOptions(
         name=arguments.name or arguments.artifact.stem,
@@ -570,6 +583,8 @@ def _serve(arguments: argparse.Namespace) -> int:
         batch_timeout_ms=arguments.batch_timeout_ms,
         batching=not arguments.no_batching,
         max_body_bytes=arguments.max_body_bytes,
+        request_timeout_s=arguments.request_timeout_s,
+        max_connections=arguments.max_connections,
     )
     problems = options.check()
     if not 0 <= arguments.port <= 65535:
@@ -579,7 +594,6 @@ def _serve(arguments: argparse.Namespace) -> int:
     model = runtime.load(
         arguments.artifact, threads=arguments.threads, verify=not arguments.no_verify
     )
-    app = create_app(model, options)
     batching = (
         f"dynamic batching up to {options.max_batch_size} rows, {options.batch_timeout_ms:g} ms"
         if options.batching
@@ -591,7 +605,7 @@ def _serve(arguments: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
-    uvicorn.run(app, host=arguments.host, port=arguments.port, log_level="warning")
+    run(model, options, host=arguments.host, port=arguments.port)
     return EXIT_OK
 
 

@@ -56,6 +56,16 @@ def call(url, payload=None, *, method=None, raw=None):
         return error.code, json.loads(error.read())
 
 
+def read_metrics(base):
+    """``/metrics`` as ``{name: value}``."""
+    with urllib.request.urlopen(f"{base}/metrics", timeout=60) as response:
+        lines = response.read().decode().splitlines()
+    return {
+        name: float(value)
+        for name, value in (line.split() for line in lines if not line.startswith("#"))
+    }
+
+
 @pytest.fixture(scope="module")
 def single(members_dir, tmp_path_factory):
     path = tmp_path_factory.mktemp("serve") / "ensemble.onnx"
@@ -199,6 +209,77 @@ BAD_REQUESTS = [
         "this server takes at most",
         id="body-too-large",
     ),
+    pytest.param(
+        "/v1/models/digits:predict",
+        b'{"instances": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+        400,
+        "nests JSON arrays or objects too deeply",
+        id="deeply-nested",
+    ),
+    pytest.param(
+        "/v1/models/digits:predict",
+        b'{"instances": ' + b"[" * 100000,
+        400,
+        "nests JSON arrays or objects too deeply",
+        id="deeply-nested-unclosed",
+    ),
+    pytest.param("/v1/models/digits:predict", b"", 400, "body is empty", id="empty-body"),
+    pytest.param("/v1/models/digits:predict", b" \r\n ", 400, "body is empty", id="blank-body"),
+    pytest.param(
+        "/v1/models/digits:predict", b'{"instances": [[\xff]]}', 400, "not UTF-8", id="not-utf8"
+    ),
+    pytest.param("/v1/models/digits:predict", b"3", 400, "not a number", id="number-body"),
+    pytest.param(
+        "/v1/models/digits:predict",
+        b'{"instances": [[0.0]]} x',
+        400,
+        "not valid JSON: Extra data",
+        id="trailing-data",
+    ),
+    pytest.param(
+        "/v1/models/digits:predict",
+        b'{"instances": [[' + b"1" * 5000 + b"]]}",
+        400,
+        "not valid JSON: Exceeds the limit",
+        id="too-many-digits",
+    ),
+    pytest.param(
+        "/v1/models/digits:predict",
+        ('{"instances": [[1e999, ' + ", ".join(["0"] * (N_FEATURES - 1)) + "]]}").encode(),
+        400,
+        "holds the number 1e999, beyond the range of 64-bit floats",
+        id="beyond-float64",
+    ),
+    pytest.param(
+        "/v1/models/digits:predict",
+        ('{"instances": [[-1e39, ' + ", ".join(["0"] * (N_FEATURES - 1)) + "]]}").encode(),
+        400,
+        "but -1e+39 is beyond float32's largest magnitude 3.4028235e+38",
+        id="beyond-float32",
+    ),
+    pytest.param(
+        "/v1/models/digits:predict",
+        json.dumps({"instances": [[10**30] * N_FEATURES]}).encode(),
+        400,
+        "expects numbers (float32), received an array of dtype object",
+        id="huge-integers",
+    ),
+    pytest.param(
+        "/v1/models/digits:predict",
+        json.dumps({"instances": [[None] * N_FEATURES]}).encode(),
+        400,
+        "expects numbers (float32)",
+        id="nulls",
+    ),
+    pytest.param(
+        "/v1/models/digits:predict",
+        json.dumps({"instances": "rows"}).encode(),
+        400,
+        "non-empty list",
+        id="string-instances",
+    ),
+    pytest.param("/nowhere", b"{}", 404, "No endpoint POST /nowhere", id="unknown-path"),
+    pytest.param("/healthz", b"{}", 405, "/healthz answers GET, HEAD only", id="wrong-method"),
 ]
 
 
@@ -216,6 +297,71 @@ def test_bad_requests_get_an_error_body_and_the_server_keeps_serving(
         )
         assert good_status == 200
         np.testing.assert_allclose(good["predictions"], single.predict(features[:1]), atol=1e-6)
+        metrics = read_metrics(base)
+    # Counted: one error, and the bad request among the predict requests if it reached one.
+    assert metrics["fuser_request_errors_total"] == 1
+    assert metrics["fuser_predict_requests_total"] == (2 if status == 400 else 1)
+
+
+def test_any_content_type_and_the_nan_and_infinity_literals_are_accepted(url, single, features):
+    """As TF Serving: the body is JSON whatever its Content-Type (``curl -d`` sends a form
+    type), and ``NaN``/``Infinity`` are read as the numbers they name."""
+    expected = single.predict(features)
+    body = json.dumps({"instances": features.tolist()}).encode()
+    for content_type in ("text/plain", "application/x-www-form-urlencoded"):
+        request = urllib.request.Request(f"{url}/v1/models/digits:predict", data=body)
+        request.add_header("Content-Type", content_type)
+        with urllib.request.urlopen(request, timeout=60) as response:
+            answer = json.loads(response.read())
+        np.testing.assert_allclose(np.array(answer["predictions"]), expected, atol=1e-6)
+    rows = features[:3].tolist()
+    text = json.dumps({"instances": rows}).replace(str(rows[0][0]), "NaN", 1)
+    text = text.replace(str(rows[1][0]), "-Infinity", 1)
+    status, answer = call(f"{url}/v1/models/digits:predict", raw=text.encode(), method="POST")
+    assert status == 200
+    predictions = np.array(answer["predictions"], dtype=float)
+    assert not np.isfinite(predictions[0]).all()
+    np.testing.assert_allclose(predictions[2], expected[2], atol=1e-6)
+
+
+def read_until_closed(connection: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection (10 s at most)."""
+    connection.settimeout(10)
+    received = b""
+    while True:
+        try:
+            data = connection.recv(65536)
+        except ConnectionResetError:
+            return received
+        if not data:
+            return received
+        received += data
+
+
+def test_a_chunked_body_over_the_limit_is_refused_as_it_crosses_the_limit(single):
+    """No Content-Length: the server stops reading at the limit, answers and closes,
+    rather than wait for the end of a body that may never come."""
+    limit = 2**16
+    with running(create_app(single, ServeOptions(name="digits", max_body_bytes=limit))) as base:
+        port = int(base.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+            connection.sendall(
+                b"POST /v1/models/digits:predict HTTP/1.1\r\nHost: test\r\n"
+                b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+            )
+            chunk = b"[" * 4096
+            for _ in range(limit // len(chunk)):
+                connection.sendall(b"1000\r\n" + chunk + b"\r\n")
+            connection.sendall(b"1\r\n[\r\n")  # one byte over; the final chunk never comes
+            answer = read_until_closed(connection)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400"), answer[:200]
+        assert b"connection: close" in head.lower()
+        assert json.loads(body) == {
+            "error": f"The request body has more than {limit} bytes; this server takes at "
+            f"most {limit}, and closes the connection."
+        }
+        assert read_metrics(base)["fuser_request_errors_total"] == 1
 
 
 def test_sixty_four_concurrent_callers_each_get_their_own_rows(single):
@@ -268,7 +414,7 @@ def test_sixty_four_concurrent_callers_each_get_their_own_rows(single):
     assert 1 < int(metrics["fuser_largest_batch_rows"]) <= 32
 
 
-def test_batcher_respects_the_maximum_and_runs_oversized_requests_alone():
+def test_batcher_respects_the_maximum_and_splits_oversized_requests():
     seen: list[int] = []
     release = threading.Event()
 
@@ -279,14 +425,41 @@ def test_batcher_respects_the_maximum_and_runs_oversized_requests_alone():
 
     batcher = DynamicBatcher(run, max_batch_size=4, timeout=0.05)
     sizes = [1, 2, 3, 1, 9, 2, 1]
-    futures = [batcher.submit({"x": np.full((size, 1), float(i))}) for i, size in enumerate(sizes)]
+    inputs = [np.arange(size, dtype=float)[:, None] + 10 * i for i, size in enumerate(sizes)]
+    futures = [batcher.submit({"x": x}) for x in inputs]
     release.set()
-    for i, (size, future) in enumerate(zip(sizes, futures)):
-        np.testing.assert_array_equal(future.result(timeout=30)["y"], np.full((size, 1), 2.0 * i))
+    for x, future in zip(inputs, futures):
+        np.testing.assert_array_equal(future.result(timeout=30)["y"], x * 2)
     batcher.close()
     assert sum(seen) == sum(sizes)
-    assert all(size <= 4 for size in seen if size != 9) and 9 in seen
-    assert len(seen) < len(sizes)
+    assert max(seen) <= 4  # the 9-row request ran in parts
+    assert len(seen) < len(sizes) + 2  # and the small ones were still coalesced
+
+
+def test_a_request_arriving_during_a_large_one_runs_between_its_parts():
+    order: list[tuple[str, int]] = []
+    large_started, small_submitted = threading.Event(), threading.Event()
+
+    def run(feeds):
+        x = feeds["x"]
+        kind = "large" if x[0, 0] >= 100 else "small"
+        if kind == "large" and not large_started.is_set():
+            large_started.set()
+            small_submitted.wait(timeout=30)
+        order.append((kind, len(x)))
+        return {"y": x * 2}
+
+    batcher = DynamicBatcher(run, max_batch_size=4, timeout=0.0)
+    rows = 100 + np.arange(12.0)[:, None]
+    large = batcher.submit({"x": rows})
+    assert large_started.wait(timeout=30)
+    small = batcher.submit({"x": np.ones((1, 1))})
+    small_submitted.set()
+    np.testing.assert_array_equal(small.result(timeout=30)["y"], [[2.0]])
+    np.testing.assert_array_equal(large.result(timeout=30)["y"], rows * 2)
+    batcher.close()
+    assert order == [("large", 4), ("small", 1), ("large", 4), ("large", 4)]
+    assert batcher.stats.requests == 2 and batcher.stats.rows == 13
 
 
 def test_a_failing_forward_pass_fails_its_callers_and_the_batcher_goes_on():
@@ -307,6 +480,55 @@ def test_a_failing_forward_pass_fails_its_callers_and_the_batcher_goes_on():
     batcher.close()
 
 
+def test_batcher_joins_only_requests_whose_shapes_match():
+    """Sequences of different lengths cannot be concatenated: each length gets its own
+    forward passes, and every caller its own answer."""
+    shapes: list[tuple[int, ...]] = []
+    release = threading.Event()
+
+    def run(feeds):
+        release.wait()
+        shapes.append(feeds["x"].shape)
+        return {"y": feeds["x"].sum(axis=(1, 2))[:, None]}
+
+    batcher = DynamicBatcher(run, max_batch_size=16, timeout=0.2)
+    lengths = [3, 1, 2, 1, 2, 3, 1]
+    inputs = [np.full((1 + i % 2, length, 4), float(i)) for i, length in enumerate(lengths)]
+    futures = [batcher.submit({"x": x}) for x in inputs]
+    release.set()
+    for x, future in zip(inputs, futures):
+        np.testing.assert_array_equal(future.result(timeout=30)["y"], x.sum(axis=(1, 2))[:, None])
+    batcher.close()
+    assert sum(shape[0] for shape in shapes) == sum(len(x) for x in inputs)
+    assert len(shapes) < len(inputs)  # requests of one length did share passes
+    assert batcher.stats.requests == len(inputs) and batcher.stats.retried_alone == 0
+
+
+def test_a_failed_coalesced_pass_is_retried_alone_and_only_its_culprit_fails():
+    passes: list[int] = []
+    release = threading.Event()
+
+    def run(feeds):
+        release.wait()
+        passes.append(len(feeds["x"]))
+        if np.isnan(feeds["x"]).any():
+            raise ValueError("This model cannot take NaN.")
+        return {"y": feeds["x"] * 2}
+
+    # Four rows fill the batch, so the three requests share the first pass at once.
+    batcher = DynamicBatcher(run, max_batch_size=4, timeout=5.0)
+    good, bad, other = np.ones((1, 2)), np.full((1, 2), np.nan), np.full((2, 2), 3.0)
+    futures = [batcher.submit({"x": x}) for x in (good, bad, other)]
+    release.set()
+    np.testing.assert_array_equal(futures[0].result(timeout=30)["y"], good * 2)
+    with pytest.raises(ValueError, match="cannot take NaN"):
+        futures[1].result(timeout=30)
+    np.testing.assert_array_equal(futures[2].result(timeout=30)["y"], other * 2)
+    batcher.close()
+    assert passes == [4, 1, 1, 2]
+    assert batcher.stats.retried_alone == 3 and batcher.stats.requests == 2
+
+
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
@@ -315,6 +537,9 @@ def test_a_failing_forward_pass_fails_its_callers_and_the_batcher_goes_on():
         ({"batch_timeout_ms": float("nan")}, "--batch-timeout-ms must be a non-negative number"),
         ({"name": "a/b"}, "The model name must be non-empty"),
         ({"max_body_bytes": 0}, "--max-body-bytes must be positive"),
+        ({"request_timeout_s": 0.0}, "--request-timeout-s must be a positive number"),
+        ({"request_timeout_s": float("inf")}, "--request-timeout-s must be a positive number"),
+        ({"max_connections": 0}, "--max-connections must be at least 1"),
     ],
 )
 def test_bad_server_options_are_refused(single, changes, message):

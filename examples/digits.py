@@ -143,6 +143,7 @@ def compare_heads(paths: dict[str, Path], data: dict, out: Path) -> dict[str, tu
 
     members = [f"{name}={path}" for name, path in paths.items()]
     validation = {"x": data["x_val"], "y": data["y_val"]}
+    (out / "heads").mkdir(exist_ok=True)
     builds = {
         "mean (soft voting)": {"head": "mean"},
         "vote (hard majority)": {"head": "vote"},

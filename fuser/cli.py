@@ -136,6 +136,13 @@ def _parser() -> argparse.ArgumentParser:
         "(default: auto)",
     )
     build.add_argument("--jobs", type=int, help="members loaded at once (default: one per core)")
+    build.add_argument(
+        "--max-member-bytes",
+        type=_byte_size,
+        metavar="BYTES",
+        help="the most one member may expand to in memory, e.g. 8G (default: 4G, or 4x its "
+        "size on disk if larger); refuses zip bombs before anything parses them",
+    )
     build.add_argument("--xla", action="store_true", help="compile the fused function with XLA")
     build.add_argument("--opset", type=int, help="ONNX opset (default 17)")
     build.add_argument("--input-name", help="name of the fused input (members with one input)")
@@ -305,6 +312,7 @@ def _build(arguments: argparse.Namespace) -> int:
         xla=arguments.xla,
         safe_mode=not arguments.unsafe,
         custom_objects=custom_objects,
+        max_member_bytes=arguments.max_member_bytes,
         probe_batch=arguments.probe_batch,
         tolerance=arguments.tolerance,
         allow_nonfinite=arguments.allow_nonfinite,
@@ -358,6 +366,15 @@ def _early_format_problems(members: list[str], outputs: list[Path]) -> list[str]
             continue
         detected.append(SimpleNamespace(describe=spec.describe, format=kind, source=spec.source))
     return [problem for path in outputs for problem in export.format_problems(path, detected)]
+
+
+def _byte_size(text: str) -> int:
+    from fuser.members import parse_byte_size
+
+    try:
+        return parse_byte_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _custom_objects(specs: list[str], problems: list[str]) -> dict[str, Any] | None:

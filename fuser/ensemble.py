@@ -17,7 +17,7 @@ from fuser import uncertainty as uncertainty_lib
 from fuser.errors import FuseError, StageError, VerificationError, stage
 from fuser.fuse import assemble, failing_groups
 from fuser.heads import Head, WeightedHead, make_head
-from fuser.members import Member, load_members, parse_specs
+from fuser.members import Member, check_max_member_bytes, load_members, parse_specs
 from fuser.progress import Reporter
 from fuser.selection import (
     Selection,
@@ -59,6 +59,7 @@ def build(
     xla: bool = False,
     safe_mode: bool = True,
     custom_objects: dict[str, Any] | None = None,
+    max_member_bytes: int | None = None,
     probe_batch: int = DEFAULT_PROBE_BATCH,
     tolerance: float = DEFAULT_TOLERANCE,
     allow_nonfinite: bool = False,
@@ -91,6 +92,10 @@ def build(
         xla: compile the fused function with XLA.
         safe_mode: refuse members that carry arbitrary code (Keras ``safe_mode``).
         custom_objects: classes to deserialise Keras members with, for registered layers.
+        max_member_bytes: the most one member may expand to in memory (a .keras zip's
+            entries, HDF5 datasets, SavedModel variables), checked before anything parses
+            it; default 4 GiB, or 4x the member's size on disk if larger. Its model config
+            may take 1/64 of it, a SavedModel's saved_model.pb 1/4.
         probe_batch: rows of the probe batch the build verifies itself on.
         tolerance: largest allowed error (absolute, and relative to the value's size)
             between the fused model and the members run one by one.
@@ -109,6 +114,7 @@ def build(
         tolerance=tolerance,
         fusion=fusion,
         allow_nonfinite=allow_nonfinite,
+        max_member_bytes=max_member_bytes,
     )
     head = make_head(head, weights=weights)
     selection = parse_selection(select)
@@ -136,6 +142,7 @@ def build(
             jobs=jobs,
             safe_mode=safe_mode,
             custom_objects=custom_objects,
+            max_member_bytes=max_member_bytes,
             on_loaded=lambda member: advance(member.name),
         )
     load_sum = sum(member.load_seconds for member in loaded)
@@ -208,9 +215,15 @@ def build(
 
 
 def _check_options(
-    *, jobs: int | None, probe_batch: int, tolerance: float, fusion: str, allow_nonfinite: bool
+    *,
+    jobs: int | None,
+    probe_batch: int,
+    tolerance: float,
+    fusion: str,
+    allow_nonfinite: bool,
+    max_member_bytes: int | None,
 ) -> None:
-    problems = check_mode(fusion)
+    problems = check_mode(fusion) + check_max_member_bytes(max_member_bytes)
     if not isinstance(allow_nonfinite, bool):
         problems.append(f"allow_nonfinite must be True or False, got {allow_nonfinite!r}.")
     if jobs is not None and (not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1):

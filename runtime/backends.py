@@ -123,7 +123,7 @@ class OnnxBackend:
         text, pieces = integrity.split_onnx(data)
         self.manifest = None
         if read_manifest and text is not None:
-            self.manifest = manifest_lib.loads(text, str(path))
+            self.manifest = manifest_lib.loads(text, str(path), kind="onnx")
             if verify:
                 integrity.check_onnx(self.manifest, pieces, path)
         options = onnxruntime.SessionOptions()
@@ -144,6 +144,14 @@ class OnnxBackend:
             raise ArtifactError(
                 f"Artifact {path} could not be opened by ONNX Runtime: {_first_line(error)}"
             ) from None
+        if self.manifest is not None:
+            check_signature(
+                self.manifest,
+                str(path),
+                "ONNX graph",
+                {value.name: _onnx_tensor(value) for value in self.session.get_inputs()},
+                {value.name: _onnx_tensor(value) for value in self.session.get_outputs()},
+            )
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         values = self.session.run(self.output_names, feeds)
@@ -163,7 +171,7 @@ class SavedModelBackend:
                     f"Artifact {path} is a SavedModel without a fuser manifest "
                     f"({manifest_lib.SAVEDMODEL_ASSET}); build it with fuser."
                 )
-            self.manifest = manifest_lib.loads(asset.read_bytes(), str(asset))
+            self.manifest = manifest_lib.loads(asset.read_bytes(), str(asset), kind="savedmodel")
             if verify:
                 integrity.check(self.manifest, integrity.savedmodel_content(path), str(path))
 
@@ -180,6 +188,20 @@ class SavedModelBackend:
             raise ArtifactError(f"Artifact {path} has no 'serving_default' signature.")
         self._loaded = loaded  # keeps the variables the signature refers to alive
         self.signature = loaded.signatures["serving_default"]
+        if self.manifest is not None:
+            check_signature(
+                self.manifest,
+                str(path),
+                "serving_default signature",
+                {
+                    name: _tf_tensor(spec)
+                    for name, spec in self.signature.structured_input_signature[1].items()
+                },
+                {
+                    name: _tf_tensor(spec)
+                    for name, spec in self.signature.structured_outputs.items()
+                },
+            )
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         tf = self._tf
@@ -203,7 +225,7 @@ class KerasBackend:
                             f"({manifest_lib.KERAS_ZIP_ENTRY}); build it with fuser."
                         )
                     self.manifest = manifest_lib.loads(
-                        archive.read(manifest_lib.KERAS_ZIP_ENTRY), str(path)
+                        archive.read(manifest_lib.KERAS_ZIP_ENTRY), str(path), kind="keras"
                     )
                     if verify:
                         content = integrity.keras_content(archive)
@@ -232,6 +254,86 @@ class KerasBackend:
         with native_grouped_convolutions():
             outputs = self._function(feeds)
         return {name: tensor.numpy() for name, tensor in outputs.items()}
+
+
+# A tensor as the model declares it: its dtype (numpy's name), and its dimensions (None
+# for a free one), or None when its rank is unknown.
+Declared = tuple[str, tuple[int | None, ...] | None]
+
+
+def check_signature(
+    manifest: dict[str, Any],
+    source: str,
+    model: str,
+    inputs: dict[str, Declared],
+    outputs: dict[str, Declared],
+) -> None:
+    """Refuse a manifest whose inputs or outputs are not those of the ``model`` it travels
+    with: other names, dtypes, ranks or fixed sizes (``predict`` would fail on them).
+
+    Raises:
+        ManifestError: naming ``source`` and the manifest field that does not match.
+    """
+    for key, declared in (("inputs", inputs), ("outputs", outputs)):
+        what = f"the {model}'s {key[:-1]}"
+        for index, spec in enumerate(manifest[key]):
+            field, name = f"manifest field {key}[{index}]", spec["name"]
+            if name not in declared:
+                problem = (
+                    f"{field}.name is {name!r}, but the {model}'s {key} are {sorted(declared)}"
+                )
+            elif declared[name][0] != spec["dtype"]:
+                problem = f"{field}.dtype is {spec['dtype']!r}, but {what} {name!r} is {declared[name][0]}"
+            elif not _same_shape(spec["shape"], declared[name][1]):
+                problem = (
+                    f"{field}.shape is {manifest_lib.format_shape(spec['shape'])}, but {what} "
+                    f"{name!r} has shape {manifest_lib.format_shape(declared[name][1])}"
+                )
+            else:
+                continue
+            raise manifest_lib.ManifestError(
+                f"The manifest in {source} does not describe its model: {problem}."
+            )
+        unlisted = sorted(set(declared) - {spec["name"] for spec in manifest[key]})
+        if unlisted:
+            raise manifest_lib.ManifestError(
+                f"The manifest in {source} does not describe its model: manifest field {key} "
+                f"lacks {what}s {unlisted}."
+            )
+
+
+def _same_shape(shape: list[int | None], declared: tuple[int | None, ...] | None) -> bool:
+    if declared is None:
+        return True
+    return len(shape) == len(declared) and all(
+        want is None or got is None or want == got for want, got in zip(shape, declared)
+    )
+
+
+_ONNX_DTYPES = {
+    "tensor(float)": "float32",
+    "tensor(double)": "float64",
+    "tensor(float16)": "float16",
+    "tensor(bool)": "bool",
+    **{f"tensor({name})": name for name in ("int8", "int16", "int32", "int64")},
+    **{f"tensor({name})": name for name in ("uint8", "uint16", "uint32", "uint64")},
+}
+
+
+def _onnx_tensor(value: Any) -> Declared:
+    """An ONNX Runtime ``NodeArg``: symbolic dimensions (``batch``) are free, and no
+    dimensions at all mean an unknown rank (ONNX Runtime says ``[]`` for both that and a
+    scalar, which no fused input or output is)."""
+    dims = value.shape
+    return (
+        _ONNX_DTYPES.get(value.type, value.type),
+        tuple(dim if isinstance(dim, int) and dim > 0 else None for dim in dims) if dims else None,
+    )
+
+
+def _tf_tensor(spec: Any) -> Declared:
+    shape = spec.shape
+    return spec.dtype.name, None if shape.rank is None else tuple(shape.as_list())
 
 
 def _identity(path: Path) -> tuple[int, ...] | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -15,12 +16,14 @@ def prepare_feeds(inputs: Sequence[TensorSpec], x: Any) -> dict[str, np.ndarray]
 
     ``x`` is an array (or nested list) for a one-input model; a dict keyed by input name
     or a sequence in input order for several inputs. Float64 is cast to float32 and ints
-    to floats where the model expects floats; nothing lossy is done silently.
+    to floats where the model expects floats; nothing lossy is done silently. NaN and
+    inf are passed on as they are.
 
     Raises:
         ValueError: wrong inputs, rank, shape, or differing batch sizes.
-        TypeError: non-numeric values, floats where the model expects integers, or
-            integers outside the range of the model's integer dtype.
+        TypeError: non-numeric values, floats where the model expects integers,
+            integers outside the range of the model's integer dtype, or finite numbers
+            beyond the range of its float dtype (which casting would make inf).
     """
     names = [spec.name for spec in inputs]
     if len(inputs) == 1:
@@ -91,7 +94,47 @@ def _conform(spec: TensorSpec, value: Any) -> np.ndarray:
                 f"{bounds.max}], received {array.dtype} values from {low} to {high}; "
                 "clip or rescale them first, since casting would wrap them around."
             )
+    if expected.kind == "f" and array.dtype != expected and _may_overflow(array.dtype, expected):
+        # The cast itself tells, at no cost beyond the error state: numpy flags a finite
+        # value that becomes inf as an overflow (NaN and inf already there stay as they are).
+        try:
+            with np.errstate(over="raise"):
+                return np.ascontiguousarray(array, dtype=expected)
+        except FloatingPointError:
+            _refuse_overflow(spec, array, expected)
     return np.ascontiguousarray(array, dtype=expected)
+
+
+@functools.lru_cache(maxsize=256)
+def _may_overflow(source: np.dtype, target: np.dtype) -> bool:
+    """Whether ``source`` holds finite values beyond the largest of ``target`` (a float):
+    float64 into float32, int32 into float16; never float32 into float32."""
+    if source.kind == "f":
+        return bool(np.finfo(source).max > np.finfo(target).max)
+    return source.kind in "iu" and int(np.iinfo(source).max) > float(np.finfo(target).max)
+
+
+def _refuse_overflow(spec: TensorSpec, array: np.ndarray, expected: np.dtype) -> None:
+    """Raise ``TypeError`` naming the largest finite magnitude in ``array``."""
+    if array.dtype.kind == "f":
+        largest = np.max(np.abs(array), initial=0, where=np.isfinite(array))
+    else:
+        largest = max(abs(int(array.min())), abs(int(array.max())))
+    raise TypeError(
+        f"Input '{spec.name}' expects {expected} values, at most {_number(np.finfo(expected).max)} "
+        f"in magnitude, received {array.dtype} values up to {_number(largest)}; scale them "
+        "first, since casting would make them inf."
+    )
+
+
+def _number(value: Any) -> str:
+    """``3.4028235e+38``, ``65504``: as few digits as tell the value (of any width)."""
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    wide = np.longdouble(value)
+    if abs(wide) < 1e16 and wide == np.floor(wide):
+        return str(int(wide))
+    return np.format_float_scientific(value, precision=7, unique=True, trim="-")
 
 
 def _sorted_keys(keys: Any) -> list:

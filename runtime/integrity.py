@@ -288,7 +288,7 @@ def read_manifest(kind: str, path: Path, *, verify: bool = True) -> dict[str, An
         text, pieces = split_onnx(path.read_bytes())
         if text is None:
             raise ArtifactError(f"Artifact {path} is not an ONNX model with a fuser manifest.")
-        manifest = manifest_lib.loads(text, source)
+        manifest = manifest_lib.loads(text, source, kind=kind)
         if verify:
             check_onnx(manifest, pieces, path)
         return manifest
@@ -298,7 +298,7 @@ def read_manifest(kind: str, path: Path, *, verify: bool = True) -> dict[str, An
             raise ArtifactError(
                 f"Artifact {path} has no fuser manifest ({manifest_lib.SAVEDMODEL_ASSET})."
             )
-        manifest = manifest_lib.loads(asset.read_bytes(), source)
+        manifest = manifest_lib.loads(asset.read_bytes(), source, kind=kind)
         if verify:
             check(manifest, savedmodel_content(path), source)
         return manifest
@@ -309,7 +309,9 @@ def read_manifest(kind: str, path: Path, *, verify: bool = True) -> dict[str, An
                     f"Artifact {path} is a .keras file without a fuser manifest "
                     f"({manifest_lib.KERAS_ZIP_ENTRY})."
                 )
-            manifest = manifest_lib.loads(archive.read(manifest_lib.KERAS_ZIP_ENTRY), source)
+            manifest = manifest_lib.loads(
+                archive.read(manifest_lib.KERAS_ZIP_ENTRY), source, kind=kind
+            )
             if verify:
                 check(manifest, keras_content(archive), source)
             return manifest

@@ -139,6 +139,7 @@ def test_building_one_artifact_keeps_the_data_of_another_with_a_longer_name(
 
 
 def test_a_symbolic_link_to_the_model_loads_and_exports(external, members_dir, tmp_path, features):
+    (tmp_path / "v3").mkdir()
     path = fuser.build([members_dir / "a.keras"]).save(tmp_path / "v3" / "e.onnx")
     link = tmp_path / "current.onnx"
     link.symlink_to(path)

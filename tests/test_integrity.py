@@ -12,7 +12,7 @@ from conftest import member_mean
 import fuser
 import runtime
 from fuser.cli import main
-from runtime import ArtifactError, IntegrityError, integrity
+from runtime import ArtifactError, IntegrityError, ManifestError, integrity
 from runtime import manifest as manifest_lib
 
 PATHS = ["a.keras", "b.h5"]
@@ -216,3 +216,57 @@ def test_inspect_checks_the_seal_unless_told_not_to(artifacts, tmp_path, capsys)
     assert "the graph and weights do not match" in capsys.readouterr().err
     assert main(["inspect", str(tmp_path / "bad.onnx"), "--no-verify"]) == 0
     assert "integrity  sha256 not checked (--no-verify)" in capsys.readouterr().out
+
+
+def _resealed(manifest: dict, edit) -> str:
+    """``manifest`` edited and sealed again (its content digests unchanged), as JSON."""
+    manifest = json.loads(json.dumps(manifest))
+    edit(manifest)
+    integrity.seal(manifest, manifest["integrity"]["content"])
+    return manifest_lib.dumps(manifest)
+
+
+def test_a_resealed_savedmodel_manifest_must_describe_its_signature(artifacts, tmp_path):
+    copy = shutil.copytree(artifacts["savedmodel"], tmp_path / "renamed")
+    asset = copy / manifest_lib.SAVEDMODEL_ASSET
+    manifest = json.loads(asset.read_text())
+    asset.write_text(_resealed(manifest, lambda m: m["inputs"][0].update(name="pixels")))
+    with pytest.raises(
+        ManifestError,
+        match=r"renamed does not describe its model: manifest field inputs\[0\]\.name is "
+        r"'pixels', but the serving_default signature's inputs are \['features'\]\.$",
+    ):
+        runtime.load(copy)
+    asset.write_text(_resealed(manifest, lambda m: m["outputs"][0].update(dtype="float16")))
+    with pytest.raises(
+        ManifestError,
+        match=r"manifest field outputs\[0\]\.dtype is 'float16', but the serving_default "
+        r"signature's output 'prediction' is float32\.$",
+    ):
+        runtime.load(copy)
+    asset.write_text(_resealed(manifest, lambda m: m["artifact"].update(format="onnx")))
+    with pytest.raises(
+        ManifestError, match=r"artifact\.format is 'onnx', but the artifact is a SavedModel"
+    ):
+        runtime.load(copy)
+
+
+def test_a_resealed_keras_manifest_must_name_its_kind(artifacts, tmp_path):
+    import zipfile
+
+    source = artifacts["keras"]
+    with zipfile.ZipFile(source) as archive:
+        manifest = json.loads(archive.read(manifest_lib.KERAS_ZIP_ENTRY))
+        copy = tmp_path / "kind.keras"
+        with zipfile.ZipFile(copy, "w") as out:
+            for info in archive.infolist():
+                if info.filename != manifest_lib.KERAS_ZIP_ENTRY:
+                    out.writestr(info, archive.read(info))
+            edited = _resealed(manifest, lambda m: m["artifact"].update(format="savedmodel"))
+            out.writestr(manifest_lib.KERAS_ZIP_ENTRY, edited)
+    with pytest.raises(
+        ManifestError,
+        match=r"kind\.keras is malformed: manifest field artifact\.format is 'savedmodel', but "
+        r"the artifact is a \.keras file \('keras'\)\.$",
+    ):
+        runtime.load(copy)

@@ -74,7 +74,7 @@ def test_triton_export_refuses_bad_input_and_keeps_what_exists(artifacts, tmp_pa
         export_triton(artifacts["savedmodel"], repo)
     with pytest.raises(FuseError, match=r"--max-batch-size must be a positive integer"):
         export_triton(artifacts["onnx"], repo, name="other", max_batch_size=0)
-    with pytest.raises(FuseError, match=r"model name 'a b' may hold only"):
+    with pytest.raises(FuseError, match=r"model name 'a b' must be one folder name"):
         export_triton(artifacts["onnx"], repo, name="a b")
     damaged = tmp_path / "damaged.onnx"
     data = artifacts["onnx"].read_bytes()

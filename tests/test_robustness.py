@@ -144,16 +144,12 @@ def _float32_rows(x) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(rows), dtype=np.float32)
 
 
-# float64 beyond float32's range becomes inf, as an explicit cast makes it (numpy warns)
-CAST_OVERFLOW = pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
-
-
-@CAST_OVERFLOW
 @FUZZ
 @given(x=INPUTS, batch_size=st.none() | st.integers(-1, 4) | st.sampled_from([True, 1.5]))
 @example(x={"features": np.zeros((1, N_FEATURES)), 1: None}, batch_size=None)
 @example(x=[[2**64] * N_FEATURES], batch_size=None)
-@example(x=np.full((2, N_FEATURES), 1e300), batch_size=None)
+@example(x=np.full((2, N_FEATURES), 1e300), batch_size=None)  # refused: float32 would be inf
+@example(x=np.full((2, N_FEATURES), np.inf), batch_size=None)  # answered: inf passes
 def test_fuzzed_inputs_answer_like_float32_rows_or_raise_a_documented_error(model, x, batch_size):
     try:
         result = model.predict(x, batch_size=batch_size)
@@ -206,12 +202,11 @@ FLOAT64_ROWS = st.integers(2, 8).flatmap(
     lambda rows: hnp.arrays(
         np.float64,
         (rows, N_FEATURES),
-        elements=st.floats(-1e3, 1e3) | st.sampled_from([np.nan, np.inf, 1e-40, 1e39]),
+        elements=st.floats(-1e3, 1e3) | st.sampled_from([np.nan, np.inf, 1e-40, -3e38]),
     )
 )
 
 
-@CAST_OVERFLOW
 @pytest.mark.parametrize("layout", LAYOUTS)
 @settings(FUZZ, max_examples=20)
 @given(values=FLOAT64_ROWS)
@@ -254,6 +249,111 @@ def test_integers_inside_an_int32_input_are_cast_exactly(dtype):
     feed = prepare_feeds(INT_SPEC, x)["ids"]
     assert feed.dtype == np.int32 and feed.flags.c_contiguous
     np.testing.assert_array_equal(feed, x.astype(np.int32))
+
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+# (values, dtype of the model's input, pattern of the refusal)
+OVERFLOWING_FLOATS = [
+    pytest.param(
+        [1e39],
+        "float32",
+        r"float32 values, at most 3\.4028235e\+38 in magnitude, received float64 values up to 1e\+39",
+        id="float64-high",
+    ),
+    pytest.param(
+        [-1e300, np.nan, np.inf],
+        "float32",
+        r"float64 values up to 1e\+300;",
+        id="float64-low-beside-nan-and-inf",
+    ),
+    pytest.param(
+        [FLOAT32_MAX * 1.0001],
+        "float32",
+        r"float64 values up to 3\.4031637e\+38",
+        id="float64-just-above",
+    ),
+    pytest.param(
+        [7e4],
+        "float16",
+        r"float16 values, at most 65504 in magnitude, received float64 values up to 70000;",
+        id="float64-into-float16",
+    ),
+    pytest.param(
+        np.array([-1e5], np.float32),
+        "float16",
+        r"received float32 values up to 100000;",
+        id="float32-into-float16",
+    ),
+    pytest.param(
+        np.array([70_000], np.int32),
+        "float16",
+        r"received int32 values up to 70000;",
+        id="int32-into-float16",
+    ),
+    pytest.param(
+        np.array([65_535], np.uint16),
+        "float16",
+        r"received uint16 values up to 65535;",
+        id="uint16-into-float16",
+    ),
+]
+
+
+@pytest.mark.parametrize(("values", "dtype", "pattern"), OVERFLOWING_FLOATS)
+def test_finite_values_beyond_the_float_range_are_refused_not_made_inf(values, dtype, pattern):
+    x = np.zeros((2, 3), np.asarray(values).dtype)
+    x[1, : len(values)] = values
+    spec = (TensorSpec("h", (None, 3), dtype),)
+    with pytest.raises(TypeError, match=rf"^Input 'h' expects {dtype} values, at most ") as raised:
+        prepare_feeds(spec, x)
+    assert re.search(pattern, str(raised.value)), str(raised.value)
+    assert str(raised.value).endswith("; scale them first, since casting would make them inf.")
+
+
+@pytest.mark.parametrize(
+    ("values", "dtype"),
+    [
+        ([np.nan, np.inf, -np.inf], "float32"),  # already not finite: passed on
+        ([FLOAT32_MAX, -FLOAT32_MAX, 1e-300], "float32"),  # the largest float32, an underflow
+        ([FLOAT32_MAX * (1 + 2**-25), 0.0, 0.0], "float32"),  # rounds down to the largest
+        ([65_519.0, -65_504.0, np.nan], "float16"),
+        (np.array([65_504, -65_504, 7], np.int32), "float16"),
+    ],
+)
+def test_values_the_float_dtype_can_hold_are_cast_as_numpy_casts_them(values, dtype):
+    x = np.asarray([values, values])
+    with np.errstate(over="raise"):  # nothing here overflows
+        expected = x.astype(dtype)
+    feed = prepare_feeds((TensorSpec("h", (None, 3), dtype),), x)["h"]
+    assert feed.dtype == np.dtype(dtype) and feed.flags.c_contiguous
+    np.testing.assert_array_equal(feed, expected)
+
+
+@FUZZ
+@given(
+    values=hnp.arrays(
+        np.float64,
+        st.tuples(st.integers(1, 4), st.just(N_FEATURES)),
+        elements=st.floats(allow_nan=True, allow_infinity=True)
+        | st.floats(3.3e38, 3.5e38)
+        | st.floats(-3.5e38, -3.3e38),
+    )
+)
+def test_float64_rows_are_refused_exactly_when_a_finite_value_would_become_inf(model, values):
+    with np.errstate(over="ignore"):
+        as_float32 = values.astype(np.float32)
+    overflowing = np.isinf(as_float32) & np.isfinite(values)
+    if overflowing.any():
+        largest = np.abs(values[np.isfinite(values)]).max()
+        with pytest.raises(TypeError, match=r"^Input 'features' expects float32 values") as raised:
+            model.predict(values)
+        assert float(_largest_in(raised.value.args[0])) == pytest.approx(largest, rel=1e-7)
+    else:
+        np.testing.assert_array_equal(model.predict(values), model.predict(as_float32))
+
+
+def _largest_in(message: str) -> str:
+    return re.search(r"values up to ([^;]+);", message).group(1)
 
 
 def test_mappings_with_keys_of_mixed_types_are_refused_naming_the_keys(model):
@@ -393,8 +493,32 @@ def test_the_real_manifest_is_read_unchanged(manifest_text, model):
 
 @pytest.mark.parametrize("depth", [1_000, 100_000])
 def test_deeply_nested_json_is_refused_with_manifest_error(depth):
-    with pytest.raises(ManifestError, match=r"The manifest in x is not valid JSON"):
+    with pytest.raises(
+        ManifestError,
+        match=r"^The manifest in x is malformed: manifest field (\[0\]){8}… is nested more than "
+        r"32 levels deep",
+    ):
         manifest_lib.loads("[" * depth + "]" * depth, "x")
+
+
+@pytest.mark.parametrize("depth", [32, 33, 990, 100_000])
+def test_manifests_nest_at_most_32_levels_deep(manifest_text, depth):
+    """The root is level 0, ``extra`` level 1; JSON too deep for Python is refused alike."""
+    text = manifest_text[:-1] + ', "extra": ' + "[" * depth + "]" * depth + "}"
+    if depth <= 32:
+        assert _depth(manifest_lib.loads(text, "x")["extra"]) == depth
+        return
+    with pytest.raises(
+        ManifestError, match=r"manifest field extra(\[0\]){7}… is nested more than 32 levels deep"
+    ):
+        manifest_lib.loads(text, "x")
+
+
+def _depth(value) -> int:
+    depth = 0
+    while isinstance(value, list):
+        value, depth = (value[0] if value else None), depth + 1
+    return depth
 
 
 @pytest.mark.parametrize("version", [0, -5, 1.5, None, "2"])

@@ -266,15 +266,18 @@ BAD_MANIFESTS = [
         lambda m: {**m, "format_version": 99},
         r"format version 99; this runtime reads versions up to 2",
     ),
-    (lambda m: {**m, "inputs": []}, r"needs a non-empty list 'inputs'"),
+    (
+        lambda m: {**m, "inputs": []},
+        r"manifest field inputs must be a non-empty list, found list \[\]",
+    ),
     (
         lambda m: {**m, "inputs": [{"name": "x", "shape": [-1], "dtype": "float32"}]},
-        r"needs 'shape' as a list of non-negative integers",
+        r"manifest field inputs\[0\]\.shape\[0\] must be a positive integer \(a 64-bit size\) or null, found -1",
     ),
     (lambda m: {**m, "outputs": [m["outputs"][0], m["outputs"][0]]}, r"repeats names in 'outputs'"),
     (
         lambda m: {**m, "artifact": {"format": "pickle"}},
-        r"needs 'artifact.format' to be one of onnx, savedmodel, keras",
+        r'manifest field artifact\.format must be one of onnx, savedmodel, keras, found "pickle"',
     ),
 ]
 

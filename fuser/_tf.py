@@ -30,8 +30,8 @@ def tensorflow() -> Any:
 
 
 @contextlib.contextmanager
-def python_logs_quiet(*names: str) -> Iterator[None]:
-    """Raise the given Python loggers to ERROR for a block, then restore them.
+def python_logs_quiet(*names: str, level: int = logging.ERROR) -> Iterator[None]:
+    """Raise the given Python loggers to ``level`` for a block, then restore them.
 
     TensorFlow and tf2onnx warn about their own deprecated internals on every ONNX
     conversion; users who imported TensorFlow themselves keep their logger settings.
@@ -39,7 +39,7 @@ def python_logs_quiet(*names: str) -> Iterator[None]:
     loggers = [logging.getLogger(name) for name in names]
     saved = [logger.level for logger in loggers]
     for logger in loggers:
-        logger.setLevel(logging.ERROR)
+        logger.setLevel(level)
     try:
         yield
     finally:

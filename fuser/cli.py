@@ -414,6 +414,17 @@ def describe_manifest(manifest: dict[str, Any], source: str, *, verified: bool =
     )
     lines = [f"artifact   {source} ({artifact['format']}{', ' + details if details else ''})"]
     lines.append(f"created    {manifest.get('created', '?')}")
+    build = manifest.get("build") or {}
+    figures = [
+        f"{label} {build[key]:,.{digits}f}{unit}"
+        for key, label, unit, digits in (
+            ("load_seconds", "members loaded in", " s", 2),
+            ("peak_memory_mb", "peak memory", " MB", 0),
+        )
+        if isinstance(build.get(key), (int, float)) and not isinstance(build.get(key), bool)
+    ]
+    if figures:
+        lines.append("build      " + ", ".join(figures))
     head = manifest["head"]
     params = _head_params(head.get("params", {}))
     lines.append(f"head       {head.get('name')}{' (' + params + ')' if params else ''}")

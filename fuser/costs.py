@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fuser.onnx_convert import DEFAULT_OPSET, to_onnx
+
 if TYPE_CHECKING:
     from fuser.stack import Group
 
@@ -250,16 +252,10 @@ def _time(models: dict[str, bytes], group: Group, batches: list[int]) -> dict[st
 
 
 def _to_onnx(model: Any, specs: Any) -> tuple[Any, list[str]]:
-    """``model`` frozen and converted as the ONNX writer does (``fuser.export``): the ONNX
-    model and its output names. Inputs are named ``input_0:0``, ``input_1:0``..."""
+    """``model`` frozen and converted as the ONNX writer does (``fuser.onnx_convert``): the
+    ONNX model and its output names. Inputs are named ``input_0:0``, ``input_1:0``..."""
     import tensorflow as tf
-    import tf2onnx
-    from tensorflow.python.framework.convert_to_constants import (
-        convert_variables_to_constants_v2,
-    )
 
-    from fuser._tf import python_logs_quiet
-    from fuser.export import DEFAULT_OPSET
     from runtime._keras import native_grouped_convolutions
 
     signature = [
@@ -271,12 +267,6 @@ def _to_onnx(model: Any, specs: Any) -> tuple[Any, list[str]]:
     def serve(*tensors):
         return model(list(tensors), training=False)
 
-    with python_logs_quiet("tensorflow", "tf2onnx"), native_grouped_convolutions("onnx"):
-        frozen = convert_variables_to_constants_v2(serve.get_concrete_function())
-        converted, _ = tf2onnx.convert.from_graph_def(
-            frozen.graph.as_graph_def(),
-            input_names=[f"input_{index}:0" for index in range(len(specs))],
-            output_names=[tensor.name for tensor in frozen.outputs],
-            opset=DEFAULT_OPSET,
-        )
-    return converted, [tensor.name for tensor in frozen.outputs]
+    with native_grouped_convolutions("onnx"):
+        concrete = serve.get_concrete_function()
+    return to_onnx(concrete, [f"input_{index}:0" for index in range(len(specs))], DEFAULT_OPSET)

@@ -530,6 +530,12 @@ class Ensemble:
         return results[self.outputs[0].name]
 
     @property
+    def tensorflow_function(self) -> Any:
+        """The fused model's ``tf.function`` as traced and verified for TensorFlow (with XLA
+        when the build asked for it): what the SavedModel artifact serves."""
+        return self._function
+
+    @property
     def switch_batch(self) -> int | None:
         """Up to this batch size the switched groups run stacked, above as plain branches;
         None without switched groups. (The ONNX artifact switches all of them here, at the

@@ -120,7 +120,7 @@ def test_a_failed_build_leaves_no_data_file(external, members_dir, tmp_path, mon
 
     ensemble = fuser.build([members_dir / "a.keras"])
     if stage == "verification":  # the artifact disagrees with the members
-        monkeypatch.setattr(type(ensemble), "check", fail)
+        monkeypatch.setattr(type(ensemble), "verify", fail)
     else:
         monkeypatch.setattr(export, "_check_seal", fail)
     with pytest.raises(fuser.VerificationError):

@@ -198,6 +198,14 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--no-verify", action="store_true", help="skip the check against the SHA-256 seal"
     )
+    predict.add_argument(
+        "--custom-objects",
+        action="append",
+        default=[],
+        metavar="MODULE:NAME",
+        help="a registered Keras class a .keras artifact's members use (repeatable); "
+        "imports MODULE",
+    )
     predict.set_defaults(handler=_predict)
 
     serve = commands.add_parser(
@@ -249,6 +257,14 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
     serve.add_argument(
         "--no-verify", action="store_true", help="skip the check against the SHA-256 seal"
+    )
+    serve.add_argument(
+        "--custom-objects",
+        action="append",
+        default=[],
+        metavar="MODULE:NAME",
+        help="a registered Keras class a .keras artifact's members use (repeatable); "
+        "imports MODULE",
     )
     serve.set_defaults(handler=_serve)
 
@@ -378,6 +394,9 @@ def _byte_size(text: str) -> int:
 
 
 def _custom_objects(specs: list[str], problems: list[str]) -> dict[str, Any] | None:
+    """``--custom-objects MODULE:NAME`` values as ``{NAME: class}``, for ``build``,
+    ``predict`` and ``serve``. Importing MODULE also runs its registrations
+    (``register_keras_serializable``), so Keras finds the class by its registered name."""
     objects = {}
     for spec in specs:
         module_name, _, attribute = spec.partition(":")
@@ -386,6 +405,11 @@ def _custom_objects(specs: list[str], problems: list[str]) -> dict[str, Any] | N
             continue
         try:
             objects[attribute] = getattr(importlib.import_module(module_name), attribute)
+        except ModuleNotFoundError as error:
+            problems.append(
+                f"--custom-objects {spec!r} could not be imported ({error}); put the folder "
+                "that holds the module on PYTHONPATH."
+            )
         except (ImportError, AttributeError) as error:
             problems.append(f"--custom-objects {spec!r} could not be imported ({error}).")
     return objects or None
@@ -538,8 +562,15 @@ def _predict(arguments: argparse.Namespace) -> int:
     import runtime
 
     _check_output(arguments.output, force=arguments.force)  # before any work
+    problems: list[str] = []
+    custom_objects = _custom_objects(arguments.custom_objects, problems)
+    if problems:
+        raise FuseError(problems)
     model = runtime.load(
-        arguments.artifact, threads=arguments.threads, verify=not arguments.no_verify
+        arguments.artifact,
+        threads=arguments.threads,
+        verify=not arguments.no_verify,
+        custom_objects=custom_objects,
     )
     batch = _read_batch(arguments.input, [spec.name for spec in model.inputs])
     result = model.predict(batch, batch_size=arguments.batch_size)
@@ -617,10 +648,14 @@ def _serve(arguments: argparse.Namespace) -> int:
     problems = options.check()
     if not 0 <= arguments.port <= 65535:
         problems.append(f"--port must be between 0 and 65535, got {arguments.port}.")
+    custom_objects = _custom_objects(arguments.custom_objects, problems)
     if problems:
         raise FuseError(problems)
     model = runtime.load(
-        arguments.artifact, threads=arguments.threads, verify=not arguments.no_verify
+        arguments.artifact,
+        threads=arguments.threads,
+        verify=not arguments.no_verify,
+        custom_objects=custom_objects,
     )
     batching = (
         f"dynamic batching up to {options.max_batch_size} rows, {options.batch_timeout_ms:g} ms"

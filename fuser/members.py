@@ -25,6 +25,7 @@ from typing import Any, NoReturn
 
 from fuser._tf import tensorflow
 from fuser.errors import FuseError
+from runtime.custom_objects import explain_load_error, keyed_by_registered_name
 from runtime.manifest import TensorSpec
 
 FORMATS = ("keras", "h5", "savedmodel", "memory")
@@ -648,78 +649,33 @@ def _load_keras(spec: MemberSpec, safe_mode: bool, custom_objects: dict[str, Any
             spec.source,
             compile=False,
             safe_mode=safe_mode,
-            custom_objects=_by_registered_name(spec.source, custom_objects),
+            custom_objects=keyed_by_registered_name(spec.source, custom_objects),
         )
     except Exception as error:
-        raise FuseError(
-            f"{spec.describe()} could not be loaded: {_explain_load_error(error)}"
-        ) from None
+        reason = _explain_load_error(error, spec.source, custom_objects)
+        raise FuseError(f"{spec.describe()} could not be loaded: {reason}") from None
 
 
-def _by_registered_name(path: Path, custom_objects: dict[str, Any] | None) -> dict[str, Any] | None:
-    """``custom_objects`` also under the names the file records for them (``package>Class``).
-
-    Keras looks a registered class up by the name it was saved under only, while users
-    give it by its class name (``--custom-objects module:Class``); a class registered
-    under another package where it is loaded would not be found either.
-    """
-    if not custom_objects:
-        return custom_objects
-    keyed = dict(custom_objects)
-    for registered in _registered_names(path):
-        package, _, name = registered.rpartition(">")
-        if package and name in custom_objects:
-            keyed.setdefault(registered, custom_objects[name])
-    return keyed
-
-
-def _registered_names(path: Path) -> set[str]:
-    """The ``package>Class`` names in a .keras or .h5 model's config (empty if unreadable)."""
-    import json
-
-    try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as archive:
-                config = json.loads(archive.read("config.json"))
-        else:
-            import h5py
-
-            with h5py.File(path, "r") as file:
-                text = file.attrs.get("model_config")
-            config = json.loads(text) if text is not None else None
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
-        return set()
-    names: set[str] = set()
-    pending = [config]
-    while pending:
-        node = pending.pop()
-        if isinstance(node, dict):
-            names.update(
-                value
-                for key in ("registered_name", "class_name")
-                if isinstance(value := node.get(key), str) and ">" in value
-            )
-            pending.extend(node.values())
-        elif isinstance(node, list):
-            pending.extend(node)
-    return names
-
-
-def _explain_load_error(error: BaseException) -> str:
+def _explain_load_error(
+    error: BaseException, path: Path, custom_objects: dict[str, Any] | None = None
+) -> str:
+    """Why a member at ``path`` could not be loaded, and what to do, in one sentence."""
     text = " ".join(str(error).split())
     if "safe_mode" in text or "unsafe_deserialization" in text or "Lambda" in text:
         return (
             "it contains a Lambda layer or other arbitrary code, which safe mode refuses to "
             "run; if you trust this file, rebuild with --unsafe (safe_mode=False)."
         )
-    if "Could not locate class" in text or "Unknown layer" in text or "custom_objects" in text:
-        # Keras wraps the error of the layer inside the model's ("<class ...Functional'>
-        # could not be deserialized ... Could not locate class 'Scale'"): name the layer's.
-        match = re.search(r"(?:Could not locate class|Unknown layer:?) '?([\w.]*\w)", text)
-        what = f"the custom class {match.group(1)!r}" if match else "a custom class"
+    # The classes the file names, not Keras' message ("Could not locate class 'Scale'",
+    # wrapped in the model's own "could not be deserialized"), which omits the package.
+    missing = explain_load_error(path, error, custom_objects)
+    if missing is not None:
+        return missing
+    if "custom_objects" in text:
         return (
-            f"it uses {what}, which is not registered; pass --custom-objects module:name "
-            "(or custom_objects=) for classes you trust."
+            "it uses a custom Keras class not registered in this process; import the module "
+            "that defines it, or pass --custom-objects MODULE:NAME (custom_objects=) for "
+            "classes you trust."
         )
     first = text.split(". ")[0]
     return first[:300] + ("…" if len(first) > 300 else "")
@@ -794,7 +750,8 @@ def _load_savedmodel(
         layer = SavedModelBranch(str(path), call_endpoint="serving_default")
     except Exception as error:
         raise FuseError(
-            f"{spec.describe()} could not be loaded as a SavedModel: {_explain_load_error(error)}"
+            f"{spec.describe()} could not be loaded as a SavedModel: "
+            f"{_explain_load_error(error, path)}"
         ) from None
     return inputs, outputs, layer
 

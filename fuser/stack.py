@@ -16,7 +16,11 @@ For such a group, each layer runs once for all G members instead of G times:
 - the first ``Conv`` on the shared input is one convolution over the concatenated
   filters, later ones a grouped convolution (``groups=G``, ONNX ``Conv`` ``group=G``);
 - per-channel layers (batch normalization, pooling, activations, ``Normalization``)
-  run once on the members' channels side by side.
+  run once on the members' channels side by side;
+- keras.ops calls in a functional graph (``x + 3.0``, ``ops.hard_sigmoid(x)``, an SE
+  block's ``gate * x``), operations rather than layers, run once too: their constants
+  are part of the architecture (members computing ``x + 1.0`` and ``x + 2.0`` are never
+  grouped), and a constant along the last axis is repeated for each member's channels.
 
 A stacked tensor lives in one of three layouts, converted where a layer needs another:
 
@@ -33,6 +37,7 @@ still loads in safe mode. The lowering is exact up to float32 summation order.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -138,9 +143,66 @@ SUPPORTED_LAYERS = (
 # Config keys that hold weights rather than architecture.
 _WEIGHT_CONFIG_KEYS = {"Normalization": ("mean", "variance")}
 
+# keras.ops calls in a functional graph (``x + 1.0``, ``ops.hard_sigmoid(x)``, as in
+# MobileNetV3 and ConvNeXt): operations that are not layers, told apart by type, never by
+# class name (``Add``, ``Multiply``, ``Reshape``, ``Softmax``... name layers too).
+# Elementwise on one tensor; static arguments (alpha, x_min...) live in the op's config.
+UNARY_OPS = frozenset(
+    {
+        "Relu",
+        "Relu6",
+        "Sigmoid",
+        "HardSigmoid",
+        "Silu",
+        "HardSilu",
+        "Tanh",
+        "Gelu",
+        "Elu",
+        "Selu",
+        "Celu",
+        "LeakyRelu",
+        "Softplus",
+        "Softsign",
+        "LogSigmoid",
+        "HardTanh",
+        "SparsePlus",
+        "Squareplus",
+        "SoftShrink",
+        "HardShrink",
+        "TanhShrink",
+        "Exp",
+        "Expm1",
+        "Log",
+        "Log1p",
+        "Sqrt",
+        "Rsqrt",
+        "Square",
+        "Reciprocal",
+        "Abs",
+        "Absolute",
+        "Negative",
+        "Sign",
+        "Erf",
+        "Clip",
+        "Floor",
+        "Ceil",
+        "Round",
+        "Sin",
+        "Cos",
+    }
+)
+# Elementwise on two arguments, tensors or constants, broadcasting; the order is kept.
+BINARY_OPS = frozenset(
+    {"Add", "Subtract", "Multiply", "Divide", "TrueDivide", "Maximum", "Minimum", "Power"}
+)
+# Over each member's last axis, never across members.
+LAST_AXIS_OPS = frozenset({"Softmax", "LogSoftmax"})
+SHAPE_OPS = frozenset({"Reshape", "Cast"})
+SUPPORTED_OPS = UNARY_OPS | BINARY_OPS | LAST_AXIS_OPS | SHAPE_OPS
+
 
 class Unsupported(Exception):
-    """A member's graph cannot be stacked; the message names the layer and why."""
+    """A member's graph cannot be stacked; the message names the layer (or operation) and why."""
 
 
 @dataclass(frozen=True)
@@ -149,6 +211,22 @@ class Step:
 
     layer: Any
     inbound: tuple[tuple[str, int, int], ...]  # ("input", i, 0) or ("step", j, k)
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where a tensor sat among an operation's arguments: ``OpStep.inbound[index]``."""
+
+    index: int
+
+
+@dataclass(frozen=True)
+class OpStep(Step):
+    """A keras.ops call (``layer`` is the operation): its arguments as given, each tensor
+    replaced by a ``Slot``, so constants (``1.0`` in ``1.0 - x``) keep their place."""
+
+    args: tuple[Any, ...] = ()
+    kwargs: tuple[tuple[str, Any], ...] = ()  # sorted by name
 
 
 @dataclass
@@ -365,7 +443,7 @@ def _spatial_layer(graph: Graph) -> str | None:
     spatial = CONV_LAYERS | {"DepthwiseConv2D"} | CHANNELWISE_LAYERS
     for step in graph.steps:
         kind = type(step.layer).__name__
-        if kind in spatial:
+        if kind in spatial and not isinstance(step, OpStep):
             return kind
     return None
 
@@ -394,28 +472,23 @@ def trace(member: Member) -> Graph:
                 f"{member.describe()} takes input {spec.name!r} of shape {spec.shape}; "
                 "stacking needs every dimension but the batch fixed."
             )
+    import keras
+
     steps: list[Step] = []
     signature: list[Any] = []
+    of_member = _lower_first(member.describe())
     for depth in sorted(functional._nodes_by_depth, reverse=True):
         for node in functional._nodes_by_depth[depth]:
             if node.is_input or node.operation is None:
                 continue
-            layer = node.operation
-            kind = type(layer).__name__
-            where = f"layer {layer.name!r} ({kind}) of {_lower_first(member.describe())}"
-            if kind not in SUPPORTED_LAYERS or not type(layer).__module__.startswith("keras."):
-                raise Unsupported(f"{where} has no stacked lowering.")
-            if any(id(tensor) not in positions for tensor in node.arguments.keras_tensors):
-                raise Unsupported(f"{where} reads a tensor from outside the model.")
-            inbound = tuple(positions[id(tensor)] for tensor in node.arguments.keras_tensors)
-            extra = sorted(set(node.arguments.kwargs) - {"training", "mask"})
-            if extra:
-                raise Unsupported(f"{where} is called with arguments {', '.join(extra)}.")
-            _check_layer(layer, where)
+            if isinstance(node.operation, keras.layers.Layer):
+                step, entry = _trace_layer(node, positions, of_member)
+            else:
+                step, entry = _trace_op(node, positions, of_member)
             for index, tensor in enumerate(node.outputs):
                 positions[id(tensor)] = ("step", len(steps), index)
-            steps.append(Step(layer, inbound))
-            signature.append((kind, _architecture(layer), _weight_shapes(layer), inbound))
+            steps.append(step)
+            signature.append(entry)
     graph_outputs = []
     for tensor in functional.outputs:
         if id(tensor) not in positions:
@@ -428,6 +501,152 @@ def trace(member: Member) -> Graph:
 
 def _lower_first(text: str) -> str:
     return text[:1].lower() + text[1:]
+
+
+def _inbound(node: Any, positions: dict[int, tuple[str, int, int]], where: str) -> tuple:
+    """Where the node's tensor arguments come from (earlier steps or the inputs)."""
+    tensors = node.arguments.keras_tensors
+    if any(id(tensor) not in positions for tensor in tensors):
+        raise Unsupported(f"{where} reads a tensor from outside the model.")
+    return tuple(positions[id(tensor)] for tensor in tensors)
+
+
+def _trace_layer(node: Any, positions: dict, of_member: str) -> tuple[Step, Any]:
+    """A layer call as a step and its signature entry, or ``Unsupported`` naming the layer."""
+    layer = node.operation
+    kind = type(layer).__name__
+    where = f"layer {layer.name!r} ({kind}) of {of_member}"
+    if kind not in SUPPORTED_LAYERS or not type(layer).__module__.startswith("keras."):
+        raise Unsupported(f"{where} has no stacked lowering.")
+    inbound = _inbound(node, positions, where)
+    extra = sorted(set(node.arguments.kwargs) - {"training", "mask"})
+    if extra:
+        raise Unsupported(f"{where} is called with arguments {', '.join(extra)}.")
+    _check_layer(layer, where)
+    entry = (kind, _architecture(layer), _weight_shapes(layer), inbound)
+    return Step(layer, inbound), entry
+
+
+# keras.ops calls: what can be stacked -----------------------------------------------------
+
+
+def op_label(op: Any) -> str:
+    """How a user wrote the operation: ``keras.ops.hard_sigmoid`` for ``HardSigmoid``."""
+    name = re.sub(r"(.)([A-Z][a-z]+)", r"\1_\2", type(op).__name__)
+    return "keras.ops." + re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name).lower()
+
+
+def _trace_op(node: Any, positions: dict, of_member: str) -> tuple[OpStep, Any]:
+    """A keras.ops call as a step and its signature entry, or ``Unsupported`` naming it.
+
+    The entry holds the call's constants (arguments other than tensors, and the static
+    ones in the op's config), so members computing ``x + 1.0`` and ``x + 2.0`` are never
+    stacked together.
+    """
+    import keras
+
+    op = node.operation
+    kind = type(op).__name__
+    where = f"operation {op.name!r} ({op_label(op)}) of {of_member}"
+    if kind not in SUPPORTED_OPS or not type(op).__module__.startswith("keras.src.ops."):
+        raise Unsupported(
+            f"{where} is a tensor operation (not a layer) without a stacked lowering."
+        )
+    inbound = _inbound(node, positions, where)
+    tensors = node.arguments.keras_tensors
+    for tensor in [*tensors, *node.outputs]:
+        if str(tensor.dtype) != "float32":
+            raise Unsupported(f"{where} computes in {tensor.dtype}; stacking supports float32.")
+    slots = {id(tensor): Slot(index) for index, tensor in enumerate(tensors)}
+
+    def slot(value: Any) -> Any:
+        return slots[id(value)] if isinstance(value, keras.KerasTensor) else value
+
+    args = tuple(keras.tree.map_structure(slot, tuple(node.arguments.args)))
+    kwargs = tuple(sorted(keras.tree.map_structure(slot, dict(node.arguments.kwargs)).items()))
+    try:
+        config = dict(op.get_config())
+    except NotImplementedError:
+        raise Unsupported(f"{where} has no config to rebuild it from.") from None
+    config.pop("name", None)
+    try:
+        constants = (_constant_key(args), _constant_key(kwargs), _constant_key(config))
+    except TypeError as error:
+        raise Unsupported(
+            f"{where} takes an argument of type {error}, which fuser cannot compare between "
+            "members."
+        ) from None
+    shapes = [tuple(tensor.shape[1:]) for tensor in tensors]
+    _check_op(kind, config, args, kwargs, shapes, tuple(node.outputs[0].shape[1:]), where)
+    return OpStep(op, inbound, args, kwargs), ("op", kind, constants, inbound)
+
+
+def _check_op(
+    kind: str,
+    config: dict[str, Any],
+    args: tuple,
+    kwargs: tuple,
+    shapes: list[tuple],
+    output: tuple,
+    where: str,
+) -> None:
+    """Refuse the calls of a supported op that its lowering does not cover."""
+    if kind not in BINARY_OPS and len(shapes) != 1:
+        raise Unsupported(f"{where} takes {len(shapes)} tensors; expected one.")
+    if any(dim is None for shape in [*shapes, output] for dim in shape):
+        raise Unsupported(f"{where} acts on a tensor whose shape is not fixed but for the batch.")
+    if kind in BINARY_OPS:
+        if len(args) + len(kwargs) != 2 or not shapes:
+            raise Unsupported(f"{where} is not called with two arguments.")
+        if len({len(shape) for shape in shapes}) > 1:
+            ranks = " and ".join(str(len(shape) + 1) for shape in shapes)
+            raise Unsupported(f"{where} broadcasts tensors of rank {ranks}.")
+        for value in [*args, *(value for _, value in kwargs)]:
+            if isinstance(value, Slot):
+                continue
+            shape = np.shape(value)
+            try:
+                along_last_axis = np.broadcast_shapes(shapes[0], shape) == shapes[0]
+            except ValueError:
+                along_last_axis = False
+            if not along_last_axis or math.prod(shape[:-1]) != 1:
+                raise Unsupported(
+                    f"{where} takes a constant of shape {shape}; stacking supports scalars and "
+                    "constants along the last axis."
+                )
+    elif kind in LAST_AXIS_OPS:
+        axis = config.get("axis", -1)
+        if not isinstance(axis, int) or axis not in (-1, len(shapes[0])):
+            raise Unsupported(f"{where} acts on axis {axis!r}, not on the last one.")
+    elif kind == "Reshape":
+        target = tuple(config.get("newshape") or ())
+        if (
+            len(target) < 2
+            or target[0] not in (-1, None)
+            or math.prod(output) != math.prod(shapes[0])
+        ):
+            raise Unsupported(
+                f"{where} reshapes to {target}, moving values across the batch axis; stacking "
+                "supports reshapes that keep the batch first."
+            )
+
+
+def _constant_key(value: Any) -> Any:
+    """A hashable key comparing a constant by value: arrays by dtype, shape and bytes."""
+    if isinstance(value, Slot):
+        return ("tensor", value.index)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return (type(value).__name__, value)
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_constant_key(item) for item in value))
+    if isinstance(value, dict):
+        return ("dict", tuple(sorted((key, _constant_key(item)) for key, item in value.items())))
+    if isinstance(value, (np.ndarray, np.generic)) or hasattr(value, "__array__"):
+        array = np.asarray(value)
+        if array.dtype.hasobject:
+            raise TypeError(type(value).__name__)
+        return ("array", str(array.dtype), array.shape, array.tobytes())
+    raise TypeError(type(value).__name__)
 
 
 def _check_layer(layer: Any, where: str) -> None:
@@ -583,8 +802,9 @@ class _Lowering:
         return name
 
     def record(self, layer: Any, lowering: str, why: str) -> None:
+        """What ``layer`` (or keras.ops operation) became, and why."""
         self.records.append(
-            {"layer": layer.name, "type": type(layer).__name__, "lowering": lowering, "why": why}
+            {"layer": layer.name, "type": _kind(layer), "lowering": lowering, "why": why}
         )
 
     def weights(self, layers: Sequence[Any]) -> list[list[np.ndarray]]:
@@ -599,6 +819,49 @@ class _Lowering:
         if kind in LAST_AXIS_ACTIVATIONS:
             return self.apply_last_axis(value, layer)
         return Value(layer(value.tensor), value.layout, value.shape)
+
+    def elementwise(self, layer: Any, arguments: list[Value], apply: Any) -> Value:
+        """``apply`` (a merge layer's or a binary operation's call on a list of tensors) on
+        ``arguments``, broadcasting between them as within each member: in their common
+        layout where their shapes are equal, with members side by side (``wide``) where
+        only axes other than the last differ (an SE block's ``(1, 1, C)`` gate), with
+        members apart (``mid``) where the last axes differ."""
+        shapes = [value.shape for value in arguments]
+        if len({len(shape) for shape in shapes}) > 1 or not all(shapes):
+            raise Unsupported(
+                f"{_describe(layer)} combines tensors of shapes {', '.join(map(str, shapes))} "
+                "(batch aside); stacking supports inputs of one rank, at least 1."
+            )
+        shape = tuple(int(dim) for dim in np.broadcast_shapes(*shapes))
+        layouts = {value.layout for value in arguments}
+        same = len(set(shapes)) == 1
+        if same:
+            self.record(layer, "once, elementwise", "elementwise across inputs")
+        elif len({shape[-1] for shape in shapes}) == 1:
+            self.record(
+                layer,
+                "once, members side by side, broadcast",
+                "the inputs' shapes differ on axes other than the last",
+            )
+        else:
+            self.record(layer, "once, members apart, broadcast", "the inputs' last axes differ")
+        if layouts == {"shared"} or (same and layouts == {"line"}):
+            return Value(apply([value.tensor for value in arguments]), layouts.pop(), shape)
+        if same or len({shape[-1] for shape in shapes}) == 1:
+            return Value(apply([self.wide(value).tensor for value in arguments]), "wide", shape)
+        return self.from_mid(apply([self.mid(value) for value in arguments]), shape)
+
+    def reshape(self, layer: Any, value: Value, target: tuple[int, ...], shared: Any) -> Value:
+        """Each member's tensor reshaped to ``target``; ``shared`` reshapes a shared one."""
+        if value.layout == "shared":
+            self.record(layer, "once, shared", "same input for every member")
+            return Value(shared(value.tensor), "shared", target)
+        if len(target) == 1:
+            self.record(layer, "per member flatten", "flattens each member's tensor")
+            return self.line(value)
+        self.record(layer, "per member reshape", "keeps members apart")
+        tensor = self.ops.reshape(self.mid(value), (-1, self.size, *target))
+        return self.from_mid(tensor, target)
 
     def apply_last_axis(self, value: Value, layer: Any) -> Value:
         """A layer acting on each member's last axis (softmax): never mix members' channels."""
@@ -619,8 +882,11 @@ class _Lowering:
             for index, tensor in enumerate(inputs)
         }
         for index, step in enumerate(graphs[0].steps):
-            layers = [graph.steps[index].layer for graph in graphs]
             arguments = [values[position] for position in step.inbound]
+            if isinstance(step, OpStep):  # the same constants in every member (its signature)
+                values[("step", index, 0)] = self.lower_op(step, arguments)
+                continue
+            layers = [graph.steps[index].layer for graph in graphs]
             values[("step", index, 0)] = self.lower(layers, arguments)
         return [self.mid(values[position]) for position in graphs[0].outputs]
 
@@ -676,16 +942,7 @@ class _Lowering:
         return Value(tensor, value.layout, shape)
 
     def lower_merge(self, layers, arguments):
-        layer = self.clone(layers[0])
-        layouts = {value.layout for value in arguments}
-        if layouts == {"shared"} or layouts == {"line"}:
-            layout = layouts.pop()
-            tensors = [value.tensor for value in arguments]
-        else:
-            layout = "wide"
-            tensors = [self.wide(value).tensor for value in arguments]
-        self.record(layers[0], "once, elementwise", "elementwise across inputs")
-        return Value(layer(tensors), layout, arguments[0].shape)
+        return self.elementwise(layers[0], arguments, self.clone(layers[0]))
 
     def lower_Flatten(self, layers, arguments):
         (value,) = arguments
@@ -697,19 +954,8 @@ class _Lowering:
 
     def lower_Reshape(self, layers, arguments):
         (value,) = arguments
-        target = tuple(layers[0].get_config()["target_shape"])
-        if -1 in target:
-            known = math.prod(dim for dim in target if dim != -1)
-            target = tuple(math.prod(value.shape) // known if dim == -1 else dim for dim in target)
-        if value.layout == "shared":
-            self.record(layers[0], "once, shared", "same input for every member")
-            return Value(self.clone(layers[0])(value.tensor), "shared", target)
-        if len(target) == 1:
-            self.record(layers[0], "per member flatten", "flattens each member's tensor")
-            return self.line(value)
-        self.record(layers[0], "per member reshape", "keeps members apart")
-        tensor = self.ops.reshape(self.mid(value), (-1, self.size, *target))
-        return self.from_mid(tensor, target)
+        target = _reshape_target(layers[0].get_config()["target_shape"], value.shape)
+        return self.reshape(layers[0], value, target, self.clone(layers[0]))
 
     def lower_Concatenate(self, layers, arguments):
         axis = layers[0].get_config()["axis"]
@@ -904,6 +1150,113 @@ class _Lowering:
 
     def lower_DepthwiseConv2D(self, layers, arguments):
         return self._conv(layers, arguments, depthwise=True)
+
+    # keras.ops calls --------------------------------------------------------------------
+
+    def lower_op(self, step: OpStep, arguments: list[Value]) -> Value:
+        """A keras.ops call, once for the group: its constants are every member's."""
+        kind = type(step.layer).__name__
+        method = getattr(self, f"lower_op_{kind}", None)
+        families = (
+            (UNARY_OPS, self.lower_op_elementwise),
+            (BINARY_OPS, self.lower_op_binary),
+            (LAST_AXIS_OPS, self.lower_op_last_axis),
+        )
+        for family, candidate in families:
+            if method is None and kind in family:
+                method = candidate
+        if method is None:
+            raise Unsupported(f"{_describe(step.layer)} has no stacked lowering.")
+        return method(step, arguments)
+
+    def call_op(self, step: OpStep, tensors: Sequence[Any], constant: Any = None) -> Any:
+        """The step's operation, new and uniquely named, called on ``tensors`` in the
+        places of its tensor arguments and its constants (through ``constant``) in theirs."""
+        op = step.layer
+        fresh = type(op).from_config({**op.get_config(), "name": self.name(op)})
+
+        def argument(value: Any) -> Any:
+            if isinstance(value, Slot):
+                return tensors[value.index]
+            return value if constant is None else constant(value)
+
+        return fresh(
+            *[argument(value) for value in step.args],
+            **{name: argument(value) for name, value in step.kwargs},
+        )
+
+    def lower_op_elementwise(self, step, arguments):
+        (value,) = arguments
+        self.record(step.layer, "once, elementwise", "no weights")
+        return Value(self.call_op(step, [value.tensor]), value.layout, value.shape)
+
+    def lower_op_last_axis(self, step, arguments):
+        (value,) = arguments
+        self.record(step.layer, "once, per member's last axis", "no weights")
+        return self.apply_last_axis(value, lambda tensor: self.call_op(step, [tensor]))
+
+    def lower_op_binary(self, step, arguments):
+        if len(arguments) > 1:
+            return self.elementwise(
+                step.layer, arguments, lambda tensors: self.call_op(step, tensors)
+            )
+        (value,) = arguments
+        constants = [
+            item for item in [*step.args, *dict(step.kwargs).values()] if not isinstance(item, Slot)
+        ]
+        if value.layout == "shared" or all(np.size(item) == 1 for item in constants):
+            self.record(step.layer, "once, with its constant", "the same constant for every member")
+            return Value(self.call_op(step, [value.tensor]), value.layout, value.shape)
+
+        def tiled(item: Any) -> Any:  # along the last axis (checked by trace): per member
+            if np.size(item) == 1:
+                return item
+            array = np.asarray(item)
+            return np.tile(array.reshape(-1), self.size)
+
+        self.record(
+            step.layer,
+            "once, with its constant repeated for each member's channels",
+            "a constant along the last axis, the same for every member",
+        )
+        return Value(self.call_op(step, [value.tensor], tiled), value.layout, value.shape)
+
+    def lower_op_Reshape(self, step, arguments):
+        (value,) = arguments
+        target = _reshape_target(step.layer.get_config()["newshape"][1:], value.shape)
+        return self.reshape(
+            step.layer, value, target, lambda tensor: self.ops.reshape(tensor, (-1, *target))
+        )
+
+    def lower_op_Cast(self, step, arguments):
+        self.record(step.layer, "identity", "a cast from float32 to float32")
+        return arguments[0]
+
+
+def _kind(operation: Any) -> str:
+    """A layer's class name (``Multiply``), or an operation's ``keras.ops.multiply``."""
+    import keras
+
+    if isinstance(operation, keras.layers.Layer):
+        return type(operation).__name__
+    return op_label(operation)
+
+
+def _describe(operation: Any) -> str:
+    """``layer 'gate' (Multiply)`` or ``operation 'add' (keras.ops.add)``, for messages."""
+    import keras
+
+    what = "layer" if isinstance(operation, keras.layers.Layer) else "operation"
+    return f"{what} {operation.name!r} ({_kind(operation)})"
+
+
+def _reshape_target(target: Sequence[int | None], shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A member's reshape target without the batch, its one free dimension (-1) resolved."""
+    target = tuple(-1 if dim is None else int(dim) for dim in target)
+    if -1 in target:
+        known = math.prod(dim for dim in target if dim != -1)
+        target = tuple(math.prod(shape) // known if dim == -1 else dim for dim in target)
+    return target
 
 
 def _scale_offset(layer: Any, channels: int) -> tuple[np.ndarray, np.ndarray]:

@@ -12,6 +12,7 @@ artifact.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -33,7 +34,13 @@ __all__ = [
 ]
 
 
-def load(path: str | os.PathLike, *, verify: bool = True, threads: int | None = None) -> FusedModel:
+def load(
+    path: str | os.PathLike,
+    *,
+    verify: bool = True,
+    threads: int | None = None,
+    custom_objects: Mapping[str, Any] | None = None,
+) -> FusedModel:
     """Load a fused artifact: an ``.onnx`` file, a ``.keras`` file or a SavedModel directory.
 
     Args:
@@ -46,18 +53,35 @@ def load(path: str | os.PathLike, *, verify: bool = True, threads: int | None = 
             ``threads=1`` answers small batches fastest and suits one process per core;
             large batches want every core. ONNX artifacts only: TensorFlow's thread pools
             are process-wide (``tf.config.threading``).
+        custom_objects: the custom Keras classes (registered with
+            ``keras.saving.register_keras_serializable``) a ``.keras`` artifact's members
+            use, by class name (``{"Scale": Scale}``) or registered name
+            (``{"rw>Scale": Scale}``), for a process that has not imported the modules
+            defining them. Loaded in safe mode all the same. ONNX and SavedModel
+            artifacts hold plain graphs, which need no classes: accepted and ignored.
 
     Raises:
         ArtifactError: the path is missing, damaged, or carries no valid fuser manifest;
-            ``IntegrityError`` (a subclass) when it does not match its digests.
+            ``IntegrityError`` (a subclass) when it does not match its digests. For a
+            ``.keras`` artifact whose custom class is not registered, it names the class
+            and the module that defines it.
         ValueError: ``threads`` is not a positive integer, or is given for an artifact
             served by TensorFlow.
+        TypeError: ``custom_objects`` is not a mapping of names to classes.
     """
     if threads is not None and (
         isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
     ):
         raise ValueError(f"threads must be a positive integer or None, got {threads!r}.")
-    backend = open_backend(path, verify=verify, threads=threads)
+    if custom_objects is not None and (
+        not isinstance(custom_objects, Mapping)
+        or not all(isinstance(name, str) for name in custom_objects)
+    ):
+        raise TypeError(
+            "custom_objects must be a dict of class names to classes, such as "
+            f"{{'Scale': Scale}}, or None; got {type(custom_objects).__name__}."
+        )
+    backend = open_backend(path, verify=verify, threads=threads, custom_objects=custom_objects)
     return FusedModel(backend, source=str(path))
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import zipfile
 import zlib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -19,6 +20,7 @@ import numpy as np
 from runtime import integrity
 from runtime import manifest as manifest_lib
 from runtime._keras import native_grouped_convolutions
+from runtime.custom_objects import explain_load_error, keyed_by_registered_name
 from runtime.errors import ArtifactError
 
 
@@ -58,6 +60,7 @@ def open_backend(
     read_manifest: bool = True,
     verify: bool = True,
     threads: int | None = None,
+    custom_objects: Mapping[str, Any] | None = None,
 ) -> Backend:
     """Open ``path`` with the backend its form calls for.
 
@@ -69,6 +72,8 @@ def open_backend(
             before the model itself is parsed (only with ``read_manifest``).
         threads: ONNX Runtime's intra-op threads. TensorFlow's pools are process-wide,
             so it is refused for the other two kinds rather than silently ignored.
+        custom_objects: custom Keras classes for a ``.keras`` artifact; the plain graphs
+            of ONNX and SavedModel artifacts need none, so they ignore them.
     """
     kind = artifact_format(path)
     verify = verify and read_manifest
@@ -79,8 +84,11 @@ def open_backend(
             f"threads applies to ONNX artifacts; {path} is a {kind} artifact served by "
             "TensorFlow, whose threads are set process-wide with tf.config.threading."
         )
-    opener = {"savedmodel": SavedModelBackend, "keras": KerasBackend}[kind]
-    return opener(Path(path), read_manifest=read_manifest, verify=verify)
+    if kind == "keras":
+        return KerasBackend(
+            Path(path), read_manifest=read_manifest, verify=verify, custom_objects=custom_objects
+        )
+    return SavedModelBackend(Path(path), read_manifest=read_manifest, verify=verify)
 
 
 class OnnxBackend:
@@ -210,9 +218,21 @@ class SavedModelBackend:
 
 
 class KerasBackend:
-    """A ``.keras`` file loaded with Keras in safe mode, called inside one ``tf.function``."""
+    """A ``.keras`` file loaded with Keras in safe mode, called inside one ``tf.function``.
 
-    def __init__(self, path: Path, *, read_manifest: bool = True, verify: bool = True) -> None:
+    Custom classes its members use (``custom_objects``, by class or registered name) are
+    deserialised as Keras would with their modules imported; safe mode still refuses
+    arbitrary code (Lambda layers).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        read_manifest: bool = True,
+        verify: bool = True,
+        custom_objects: Mapping[str, Any] | None = None,
+    ) -> None:
         self.path = path
         self.manifest = None
         try:
@@ -241,11 +261,15 @@ class KerasBackend:
         import runtime._switch  # noqa: F401 - registers BatchSwitch, which fused models may hold
 
         try:
-            self.model = keras.models.load_model(path, compile=False, safe_mode=True)
+            self.model = keras.models.load_model(
+                path,
+                compile=False,
+                safe_mode=True,
+                custom_objects=keyed_by_registered_name(path, custom_objects),
+            )
         except Exception as error:
-            raise ArtifactError(
-                f"Artifact {path} could not be loaded by Keras: {_first_line(error)}"
-            ) from None
+            reason = explain_load_error(path, error, custom_objects) or _first_line(error)
+            raise ArtifactError(f"Artifact {path} could not be loaded by Keras: {reason}") from None
         model = self.model
         self._function = tf.function(lambda feeds: model(feeds, training=False))
 

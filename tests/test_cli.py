@@ -322,9 +322,11 @@ def test_unregistered_custom_layer_exits_2_then_loads_with_custom_objects(
     artifact = tmp_path / "custom.onnx"
     assert main(["build", str(path), "-o", str(artifact), "-q"]) == 2
     error = capsys.readouterr().err
-    assert "it uses the custom class 'Scale', which is not registered; pass --custom-objects" in (
-        error
-    )
+    assert (
+        "it uses the custom Keras class 'fuser_tests>Scale' (module 'fuser_test_layers'), not "
+        "registered in this process; import the module that defines it, or pass "
+        "--custom-objects fuser_test_layers:Scale (custom_objects=) for classes you trust."
+    ) in error
     assert "Traceback" not in error and not list(tmp_path.iterdir())
 
     monkeypatch.syspath_prepend(str(code))

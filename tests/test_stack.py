@@ -1,8 +1,8 @@
 """Horizontal fusion: stacked groups compute what the plain branches compute.
 
-The property test draws member architectures from the supported layer set, builds
-the same ensemble stacked and plain, and compares every member's output (through
-``expose_members``) in the Keras model and the ONNX artifact; fixed cases cover the
+The property test draws member architectures from the supported layers and keras.ops
+calls, builds the same ensemble stacked and plain, and compares every member's output
+(through ``expose_members``) in the Keras model and the ONNX artifact; fixed cases cover the
 SavedModel and ``.keras`` artifacts, the modes, mixed ensembles and the reasons given
 for members left plain.
 """
@@ -44,6 +44,14 @@ def _randomize_statistics(model, rng: np.random.Generator) -> None:
 
 
 def _dense_block(x, choice: int, width: int, layers):
+    from keras import ops
+
+    if choice == 6:  # keras.ops: constants on either side, along the last axis
+        scale = np.linspace(0.5, 1.5, x.shape[-1]).astype("float32")
+        return ops.relu6(1.0 - ops.hard_sigmoid(x * scale) * 2.0 + 3.0) / 6.0
+    if choice == 7:  # keras.ops: softmax over each half, a reshape there and back
+        halves = ops.softmax(ops.reshape(x, (-1, 2, x.shape[-1] // 2)))
+        return ops.reshape(halves, (-1, x.shape[-1]))
     if choice == 0:
         return layers.Dense(width, activation="relu")(x)
     if choice == 1:
@@ -64,6 +72,14 @@ def _dense_block(x, choice: int, width: int, layers):
 
 
 def _conv_block(x, choice: int, filters: int, layers):
+    from keras import ops
+
+    if choice == 6:  # squeeze and excitation with keras.ops, the gate first
+        squeezed = layers.GlobalAveragePooling2D(keepdims=True)(x)
+        return ops.hard_sigmoid(layers.Conv2D(x.shape[-1], 1)(squeezed)) * x
+    if choice == 7:  # a one-channel gate (last axes differ), hard swish as ops
+        x = x * ops.sigmoid(layers.Conv2D(1, 1)(x))
+        return x * ops.relu6(x + 3.0) * (1.0 / 6.0)
     if choice == 0:
         x = layers.Conv2D(filters, 3, padding="same")(x)
         return layers.ReLU()(layers.BatchNormalization()(x))
@@ -82,13 +98,14 @@ def _conv_block(x, choice: int, filters: int, layers):
 architectures = st.fixed_dictionaries(
     {
         "image": st.booleans(),
-        "conv": st.lists(st.integers(0, 5), min_size=1, max_size=3),
-        "dense": st.lists(st.integers(0, 5), min_size=0, max_size=3),
+        "conv": st.lists(st.integers(0, 7), min_size=1, max_size=3),
+        "dense": st.lists(st.integers(0, 7), min_size=0, max_size=3),
         "width": st.sampled_from([4, 8, 12]),
         "pool": st.sampled_from(["flatten", "global", "reshape"]),
         "output": st.sampled_from(["softmax", "linear"]),
         "members": st.integers(2, 3),
         "normalize": st.booleans(),
+        "operations": st.booleans(),  # a first block of keras.ops calls
     }
 )
 
@@ -103,6 +120,8 @@ def build_members(spec: dict, seed: int = 0) -> list:
         if spec["image"]:
             inputs = keras.Input((6, 6, 2), name="image")
             x = layers.Conv2D(spec["width"], 3, padding="same", activation="relu")(inputs)
+            if spec.get("operations"):
+                x = _conv_block(x, 7, spec["width"], layers)
             for choice in spec["conv"]:
                 x = _conv_block(x, choice, spec["width"], layers)
             if spec["pool"] == "global":
@@ -119,6 +138,8 @@ def build_members(spec: dict, seed: int = 0) -> list:
                     mean=rng.normal(size=7), variance=rng.uniform(0.5, 2, size=7)
                 )(x)
             x = layers.Dense(spec["width"], activation="relu")(x)
+            if spec.get("operations"):
+                x = _dense_block(x, 6, spec["width"], layers)
         for choice in spec["dense"]:
             x = _dense_block(x, choice, spec["width"], layers)
         outputs = layers.Dense(3, activation=spec["output"], name="out")(x)

@@ -309,8 +309,9 @@ def test_unregistered_custom_layer_is_refused_naming_custom_objects(unregistered
     with pytest.raises(
         FuseError,
         match=r'^Member "custom_layer" \(custom_layer\.keras\) could not be loaded: it uses the '
-        r"custom class 'Scale', which is not registered; pass --custom-objects module:name "
-        r"\(or custom_objects=\) for classes you trust\.$",
+        r"custom Keras class 'fuser_tests>Scale' \(module 'fuser_test_layers'\), not "
+        r"registered in this process; import the module that defines it, or pass "
+        r"--custom-objects fuser_test_layers:Scale \(custom_objects=\) for classes you trust\.$",
     ):
         fuser.build([path])
 

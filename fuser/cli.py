@@ -95,10 +95,36 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument(
         "--head",
         default="mean",
-        help="combining head: mean (default), weighted, median, geometric, vote, stack",
+        help="combining head: mean (default), weighted, median, geometric, vote, stack, cascade",
     )
     build.add_argument(
-        "--weights", metavar="W1,W2,...", help="the weighted head's weights, one per member"
+        "--weights",
+        metavar="W1,W2,...",
+        help="the weighted head's weights, one per member (also the cascade's combination)",
+    )
+    build.add_argument(
+        "--cascade-order",
+        metavar="A,B,...",
+        help="the cascade's stages by member name (default: cheapest first, timed on this "
+        "machine); a stacked group is one stage",
+    )
+    build.add_argument(
+        "--cascade-tolerance",
+        type=float,
+        metavar="T",
+        help="how much worse than the full ensemble the cascade may score on --fit-data, in "
+        "the metric's units (default 0.001: one accuracy error per thousand rows)",
+    )
+    build.add_argument(
+        "--cascade-confidence",
+        metavar="max|margin",
+        help="what the cascade's thresholds compare: the largest probability (max, default) "
+        "or the largest minus the second largest (margin)",
+    )
+    build.add_argument(
+        "--cascade-exit-stage",
+        action="store_true",
+        help="add an output exit_stage: the stage each row left the cascade at",
     )
     build.add_argument(
         "--task",
@@ -316,6 +342,10 @@ def _build(arguments: argparse.Namespace) -> int:
         arguments.members,
         arguments.head,
         weights=weights,
+        cascade_order=arguments.cascade_order.split(",") if arguments.cascade_order else None,
+        cascade_tolerance=arguments.cascade_tolerance,
+        cascade_confidence=arguments.cascade_confidence,
+        cascade_exit_stage=arguments.cascade_exit_stage,
         task=arguments.task,
         fit_data=arguments.fit_data,
         select=arguments.select,
@@ -450,8 +480,11 @@ def describe_manifest(manifest: dict[str, Any], source: str, *, verified: bool =
     if figures:
         lines.append("build      " + ", ".join(figures))
     head = manifest["head"]
-    params = _head_params(head.get("params", {}))
+    cascade = head.get("name") == "cascade"
+    params = "" if cascade else _head_params(head.get("params", {}))
     lines.append(f"head       {head.get('name')}{' (' + params + ')' if params else ''}")
+    if cascade:
+        lines += _cascade_lines(head.get("params") or {})
     lines.append("inputs     " + "; ".join(spec.describe() for spec in specs(manifest, "inputs")))
     lines.append("outputs    " + "; ".join(spec.describe() for spec in specs(manifest, "outputs")))
     for output, task in (manifest.get("tasks") or {}).items():
@@ -489,6 +522,8 @@ def describe_manifest(manifest: dict[str, Any], source: str, *, verified: bool =
             f"{name} {_score(value)}" for name, value in record["members"].items()
         )
         in_sample = " in sample" if record.get("ensemble_is_in_sample") else ""
+        if "full_ensemble" in record:  # a cascade: and every member on every row
+            in_sample += f" (full ensemble {_score(record['full_ensemble'])})"
         lines.append(
             f"validation {output} {record['metric']} on {validation['source']} "
             f"({validation['rows']} rows): ensemble {_score(record['ensemble'])}{in_sample}; "
@@ -517,6 +552,14 @@ def describe_manifest(manifest: dict[str, Any], source: str, *, verified: bool =
                 f"verified   {what}: max abs error {record['max_abs_error']:.2e} on "
                 f"{record['probe_batch']} probe rows (tolerance {record['tolerance']:g})"
             )
+    for what, record in sorted((verification.get("routing") or {}).items()):
+        lines.append(
+            f"routing    {what}: exit stages {record['exit_stages']}: as the NumPy reference "
+            f"routes them on all {record['fit_rows']} validation rows "
+            f"({record['fit_rows_routed_otherwise']} otherwise) and {record['probe_rows']} "
+            f"probe rows ({record['probe_rows_routed_otherwise']} otherwise, "
+            f"{record['probe_rows_near_a_threshold']} within float error of a threshold)"
+        )
     if verification.get("nonfinite_allowed"):
         counts = verification.get("nonfinite_values") or {}
         found = ", ".join(
@@ -539,6 +582,40 @@ def describe_manifest(manifest: dict[str, Any], source: str, *, verified: bool =
         "versions   " + ", ".join(f"{key} {value}" for key, value in sorted(versions.items()))
     )
     return "\n".join(lines)
+
+
+def _cascade_lines(params: dict[str, Any]) -> list[str]:
+    """The cascade's stages, thresholds, exit rates and costs, and its validation figures."""
+    stages = params.get("stages") or []
+    unit = params.get("cost_unit", "")
+    fit = params.get("fit") or {}
+    lines = [
+        f"cascade    {len(stages)} stages, {params.get('confidence')} confidence, "
+        f"{params.get('order')}; {params.get('metric')} within {params.get('tolerance'):g} of "
+        "the full ensemble"
+    ]
+    for number, stage in enumerate(stages, 1):
+        if number == len(stages):
+            threshold = "last"
+        elif stage.get("threshold") is None:
+            threshold = "no early exit"
+        else:
+            threshold = f"threshold {stage['threshold']:.6g}"
+        lines.append(
+            f"stage {number:<4} {'+'.join(stage['members'])}: {threshold}, cost "
+            f"{stage['cost_per_row']:.4g} {unit} per row, leaves {stage['exit_rate']:.1%} "
+            f"(reaches {stage['reach_rate']:.1%})"
+        )
+    expected, full = params.get("expected_cost_per_row"), params.get("full_cost_per_row")
+    if expected and full:
+        lines.append(
+            f"expected   cost per row {expected:.4g} {unit} against {full:.4g} for the full "
+            f"ensemble ({full / expected:.2f}x less); {params.get('metric')} "
+            f"{fit.get('cascade', float('nan')):.4f} against {fit.get('full', float('nan')):.4f} "
+            f"on {fit.get('source')} ({fit.get('rows')} rows)"
+        )
+    lines.append(f"costs      {params.get('cost_source')}")
+    return lines
 
 
 def _score(value: float | None) -> str:

@@ -7,16 +7,18 @@ import math
 import os
 import platform
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fuser import __version__
+from fuser import cascade as cascade_lib
 from fuser import uncertainty as uncertainty_lib
 from fuser.errors import FuseError, StageError, VerificationError, stage
-from fuser.fuse import assemble, failing_groups
-from fuser.heads import Head, WeightedHead, make_head
+from fuser.fuse import EXIT_STAGE, assemble, failing_groups
+from fuser.heads import CascadeHead, Head, WeightedHead, make_head
 from fuser.members import Member, check_max_member_bytes, load_members, parse_specs
 from fuser.progress import Reporter
 from fuser.selection import (
@@ -47,6 +49,10 @@ def build(
     head: str | Head = "mean",
     *,
     weights: Sequence[float] | None = None,
+    cascade_order: Sequence[str] | None = None,
+    cascade_tolerance: float | None = None,
+    cascade_confidence: str | None = None,
+    cascade_exit_stage: bool = False,
     task: str | dict[str, str] | None = None,
     fit_data: str | os.PathLike | dict[str, Any] | None = None,
     select: str | None = None,
@@ -71,8 +77,17 @@ def build(
         members: paths (``.keras``, ``.h5``, SavedModel directories), ``"name=path"``
             strings, or ``(name, path_or_keras_model)`` pairs.
         head: the combining head, one of ``fuser.heads.HEADS``: mean, weighted, median,
-            geometric, vote, stack.
-        weights: the ``weighted`` head's weights, one per member (normalised to sum to 1).
+            geometric, vote, stack, cascade.
+        weights: the ``weighted`` head's weights, one per member (normalised to sum to 1);
+            for ``cascade``, the weights of its combination (default: the mean).
+        cascade_order: the ``cascade`` head's stages by member name (default: cheapest
+            first, measured on this machine); a stacked group's members run as one stage.
+        cascade_tolerance: how much worse than the full ensemble the ``cascade`` may score
+            on ``fit_data``, in the metric's units (default 0.001: for accuracy, one error
+            per thousand rows).
+        cascade_confidence: ``"max"`` (the largest probability, default) or ``"margin"``
+            (the largest minus the second largest), what the cascade's thresholds compare.
+        cascade_exit_stage: add an output ``exit_stage``, the stage each row left at.
         task: ``"probabilities"``, ``"logits"`` or ``"regression"`` for every output, or a
             dict output name -> task; inferred when not given.
         fit_data: validation data (an ``.npz`` path or a dict) with ``x``/``y``, or
@@ -116,16 +131,21 @@ def build(
         allow_nonfinite=allow_nonfinite,
         max_member_bytes=max_member_bytes,
     )
-    head = make_head(head, weights=weights)
+    head = make_head(
+        head,
+        weights=weights,
+        cascade_order=cascade_order,
+        cascade_tolerance=cascade_tolerance,
+        cascade_confidence=cascade_confidence,
+        cascade_exit_stage=cascade_exit_stage,
+    )
     selection = parse_selection(select)
+    if head.routes:
+        _check_routing_options(head, selection=selection, xla=xla, expose_members=expose_members)
     if (
         selection is not None
         and selection.strategy == "greedy"
-        and head.name
-        not in (
-            "mean",
-            "weighted",
-        )
+        and head.name not in ("mean", "weighted", "cascade")
     ):
         raise FuseError(
             f"--select greedy:K weighs the members for the 'weighted' head; it cannot feed the "
@@ -136,6 +156,10 @@ def build(
         raise FuseError(f"{needs} needs validation data: pass --fit-data VAL.npz (arrays x, y).")
     reporter = Reporter(enabled=progress)
     specs = parse_specs(members)
+    if head.routes:  # before the slow part: the names are known
+        problems = cascade_lib.check_order(head.order, [spec.name for spec in specs])
+        if problems:
+            raise FuseError(problems)
     with reporter.task("Importing TensorFlow and loading members", total=len(specs)) as advance:
         loaded, load_wall = load_members(
             specs,
@@ -165,15 +189,32 @@ def build(
         parse_task_option(task, output_names),
     )
     validation = None
+    fit_feeds = None
     if fit_data is not None:
         with reporter.task("Scoring the members on the validation data"):
-            loaded, wiring, head, probe_values, validation = _fit(
+            loaded, wiring, head, probe_values, validation, fit_feeds = _fit(
                 loaded, wiring, head, tasks, probe_values, fit_data, selection, metric
             )
     else:
         _check_head(head, len(loaded), wiring, tasks)
     with reporter.task("Choosing which same-architecture members to stack"):
         fusion_plan = plan_fusion(loaded, wiring.input_order, wiring.output_order, fusion)
+    fit_check = None
+    if head.routes:
+        with reporter.task("Calibrating the cascade: timing its stages, choosing thresholds"):
+            notes = cascade_lib.calibrate(
+                head,
+                loaded,
+                wiring,
+                fusion_plan,
+                metric=metric,
+                build_tolerance=tolerance,
+                source=validation["source"],
+            )
+        for line in notes:
+            reporter.note(line)
+        _score_ensemble(validation, head, tasks)
+        fit_check = (fit_feeds, head.fitted["values"])
     kept_nonfinite = {
         member.name: nonfinite[member.name] for member in loaded if member.name in nonfinite
     }  # --select may have dropped some members
@@ -198,6 +239,7 @@ def build(
             xla=xla,
             tolerance=tolerance,
             validation=validation,
+            fit_check=fit_check,
             nonfinite=kept_nonfinite if allow_nonfinite else None,
             build_info={
                 "load_seconds": round(load_wall, 4),
@@ -234,6 +276,44 @@ def _check_options(
         problems.append(f"tolerance must be a positive number, got {tolerance!r}.")
     if problems:
         raise FuseError(problems)
+
+
+def _check_routing_options(
+    head: Head, *, selection: Selection | None, xla: bool, expose_members: bool
+) -> None:
+    """What a routing head (``cascade``) cannot do, refused before any member is loaded."""
+    problems = []
+    if xla:
+        problems.append(
+            "--xla compiles fixed shapes, but the 'cascade' head sends a number of rows to each "
+            "stage that depends on the data (XLA aborts on it); drop --xla."
+        )
+    if expose_members:
+        problems.append(
+            "--expose-members gives every member's output for every row, but the 'cascade' "
+            "head runs only the members each row needs; drop --expose-members."
+        )
+    if selection is not None and selection.strategy == "greedy" and head.weights is not None:
+        problems.append(
+            "--weights and --select greedy:K both weigh the cascade's members; give one of them."
+        )
+    if problems:
+        raise FuseError(problems)
+
+
+def _score_ensemble(validation: dict[str, Any], head: CascadeHead, tasks: dict[str, Task]) -> None:
+    """The cascade's and the full ensemble's validation scores, once it is calibrated."""
+    name = head.fitted["output"]
+    record = validation["outputs"][name]
+    values, target, kind = head.fitted["values"], head.fitted["target"], tasks[name].kind
+    full = CascadeHead(head.weights)
+    full.stages, full.thresholds = [list(range(len(values)))], []
+    record["ensemble"] = _manifest_score(
+        score(head.reference(values, task=kind, output=name), target, kind, record["metric"])
+    )
+    record["full_ensemble"] = _manifest_score(
+        score(full.reference(values, task=kind, output=name), target, kind, record["metric"])
+    )
 
 
 def _check_head(head: Head, n_members: int, wiring: Plan, tasks: dict[str, Task]) -> None:
@@ -294,11 +374,12 @@ def _fit(
     fit_data: Any,
     selection: Selection | None,
     metric: str | None,
-) -> tuple[list[Member], Plan, Head, dict[str, np.ndarray], dict[str, Any]]:
+) -> tuple[list[Member], Plan, Head, dict[str, np.ndarray], dict[str, Any], dict]:
     """Score the members on validation data, select among them, fit the head.
 
     Returns the kept members, their wiring, the head (greedy selection makes it a
-    weighted one), their probe values, and the validation record for the manifest.
+    weighted one, or weighs a cascade), their probe values, the validation record for
+    the manifest, and the validation inputs (fused input name -> array).
     """
     data = read_fit_data(fit_data, wiring.inputs, wiring.outputs)
     every_name = [member.name for member in members]
@@ -345,7 +426,10 @@ def _fit(
                 selection.size,
             )
             kept = [index for index, count in enumerate(counts) if count]
-            head = WeightedHead([counts[index] for index in kept])
+            if head.routes:
+                head.set_weights([counts[index] for index in kept])
+            else:
+                head = WeightedHead([counts[index] for index in kept])
         record["selection"] = {
             "strategy": selection.strategy,
             "size": selection.size,
@@ -368,18 +452,20 @@ def _fit(
         if head.needs_fit:
             with stage("fitting", f"the {head.name} head on {data.source}"):
                 head.fit(name, values[name], targets[name], tasks[name].kind)
-        combined = head.reference(values[name], task=tasks[name].kind, output=name)
         record["outputs"][name] = {
             "metric": metrics[name],
             "members": {
                 member: _manifest_score(value) for member, value in zip(every_name, scores[name])
             },
-            "ensemble": _manifest_score(
-                score(combined, targets[name], tasks[name].kind, metrics[name])
-            ),
+            "ensemble": None,  # a cascade is scored once calibrated (_score_ensemble)
             "ensemble_is_in_sample": head.needs_fit,
         }
-    return members, wiring, head, probe_values, record
+        if not head.routes:
+            combined = head.reference(values[name], task=tasks[name].kind, output=name)
+            record["outputs"][name]["ensemble"] = _manifest_score(
+                score(combined, targets[name], tasks[name].kind, metrics[name])
+            )
+    return members, wiring, head, probe_values, record, feeds
 
 
 class Ensemble:
@@ -394,6 +480,9 @@ class Ensemble:
         nonfinite: when the build allowed NaN and inf (``allow_nonfinite``), the counts
             each member gave on the probe batch (see ``fuser.validate.nonfinite_counts``);
             else None.
+        routing_checks: for a cascade, what the last checks of its routing found, for the
+            fused model and the last artifact verified (the manifest's
+            ``verification.routing``).
     """
 
     def __init__(
@@ -411,6 +500,7 @@ class Ensemble:
         xla: bool = False,
         tolerance: float = DEFAULT_TOLERANCE,
         validation: dict[str, Any] | None = None,
+        fit_check: tuple[dict[str, np.ndarray], np.ndarray] | None = None,
         nonfinite: dict[str, dict[str, dict[str, int]]] | None = None,
         build_info: dict[str, Any] | None = None,
     ) -> None:
@@ -424,6 +514,34 @@ class Ensemble:
         self.reporter = Reporter(enabled=False)
         self.fusion = fusion or FusionPlan("off", [], {})
         self.probe = probe
+        # A cascade's answers depend on where each row leaves: they are checked against
+        # every possible exit stage, and the routing itself, on the probe batch and on
+        # the validation rows (``fuser.cascade.Expectation``).
+        self._probe_routing = self._fit_routing = None
+        self._fit_feeds: dict[str, np.ndarray] | None = None
+        self.routing_checks: dict[str, dict[str, Any]] = {}
+        if head.routes:
+            (spec,) = wiring.outputs
+            kind = self.tasks[spec.name].kind
+            margin = head.margin  # rows this near a threshold may leave either side
+            self._probe_routing = cascade_lib.expectation(
+                head,
+                probe_values[spec.name],
+                task=kind,
+                output=spec.name,
+                uncertainty=uncertainty,
+                margin=margin,
+            )
+            if fit_check is not None:
+                self._fit_feeds, fit_values = fit_check
+                self._fit_routing = cascade_lib.expectation(
+                    head,
+                    fit_values,
+                    task=kind,
+                    output=spec.name,
+                    uncertainty=uncertainty,
+                    margin=0.0,
+                )
         self.reference = self._reference(
             wiring, probe_values, uncertainty=uncertainty, expose_members=expose_members
         )
@@ -457,14 +575,16 @@ class Ensemble:
         while True:
             try:
                 with stage("fusing", "the members into one model"):
-                    self.model = assemble(
-                        self.members,
-                        wiring,
-                        self.head,
-                        tasks={name: task.kind for name, task in self.tasks.items()},
-                        uncertainty=uncertainty,
-                        expose_members=expose_members,
-                        fusion=self.fusion,
+                    self.model, self._checked_model = self._models(
+                        assemble(
+                            self.members,
+                            wiring,
+                            self.head,
+                            tasks={name: task.kind for name, task in self.tasks.items()},
+                            uncertainty=uncertainty,
+                            expose_members=expose_members,
+                            fusion=self.fusion,
+                        )
                     )
                 self.outputs = tuple(
                     TensorSpec(name, tuple(tensor.shape), "float32")
@@ -473,10 +593,11 @@ class Ensemble:
                 subject = "the fused model" + (" with XLA" if self.xla else "")
                 with stage("compiling", subject):
                     self._function = self.serving_function(jit_compile=self.xla)
+                    checked = self._function
+                    if self._checked_model is not self.model:
+                        checked = self.serving_function(model=self._checked_model)
                 with stage("verifying", "the fused model"):
-                    return self.verify(
-                        lambda feeds: self.predict(feeds, as_dict=True), "The fused model"
-                    )
+                    return self.verify(partial(self._run, checked), "The fused model")
             except (StageError, VerificationError) as failure:
                 failing = failing_groups(
                     self.fusion, self.members, wiring, self.probe, probe_values, self.tolerance
@@ -495,16 +616,28 @@ class Ensemble:
                         group, f"its stacked form {reason} on this machine, so it stays plain."
                     )
 
-    def serving_function(self, *, jit_compile: bool = False, target: str = "tensorflow") -> Any:
+    def _models(self, model: Any) -> tuple[Any, Any]:
+        """The model the artifacts hold, and the one the build checks (the same, but for a
+        cascade without ``exit_stage`` in its outputs, whose routing is still checked)."""
+        if not self.head.routes or self.head.exit_stage:
+            return model, model
+        import keras
+
+        outputs = {name: value for name, value in model.output.items() if name != EXIT_STAGE}
+        return keras.Model(model.inputs, outputs, name=model.name), model
+
+    def serving_function(
+        self, *, jit_compile: bool = False, target: str = "tensorflow", model: Any = None
+    ) -> Any:
         """A ``tf.function`` with a fixed signature (dynamic batch) returning named outputs.
 
         ``target`` is who will run the traced graph: ``"tensorflow"`` (verification, the
         SavedModel) or ``"onnx"`` (the graph tf2onnx converts); see
-        ``runtime._keras.native_grouped_convolutions``.
+        ``runtime._keras.native_grouped_convolutions``. ``model`` defaults to ``model``.
         """
         import tensorflow as tf
 
-        model = self.model
+        model = self.model if model is None else model
         signature = [
             tf.TensorSpec(spec.shape, tf.as_dtype(spec.dtype), name=spec.name)
             for spec in self.inputs
@@ -522,9 +655,7 @@ class Ensemble:
 
     def predict(self, x: Any, *, as_dict: bool | None = None) -> Any:
         """Run the fused model: one array for one output, else a dict name -> array."""
-        feeds = prepare_feeds(self.inputs, x)
-        outputs = self._function(*feeds.values())
-        results = {spec.name: outputs[spec.name].numpy() for spec in self.outputs}
+        results = self._run(self._function, prepare_feeds(self.inputs, x))
         if as_dict or (as_dict is None and len(results) > 1):
             return results
         return results[self.outputs[0].name]
@@ -534,6 +665,10 @@ class Ensemble:
         """The fused model's ``tf.function`` as traced and verified for TensorFlow (with XLA
         when the build asked for it): what the SavedModel artifact serves."""
         return self._function
+
+    def _run(self, function: Any, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outputs = function(*(feeds[spec.name] for spec in self.inputs))
+        return {name: value.numpy() for name, value in outputs.items()}
 
     @property
     def switch_batch(self) -> int | None:
@@ -545,16 +680,48 @@ class Ensemble:
 
     def verify(self, run: Any, what: str) -> float:
         """``check`` ``run(feeds)`` on the probe batch, and with switched groups also on a
-        batch on the other side of ``switch_batch``: both forms are verified."""
-        error = self.check(run(self.probe), what)
+        batch on the other side of ``switch_batch``: both forms are verified. A cascade is
+        also checked on every validation row, and its routing row by row; what those
+        checks found goes to ``routing_checks`` (``fused_model`` or ``artifact``)."""
+        tally = {"probe": 0, "fit": 0}
+        error = self._check(run(self.probe), what, None, tally)
         limit = self.switch_batch
-        if limit is None:
+        if limit is not None:
+            rows = len(next(iter(self.probe.values())))
+            # The probe tiled past the limit, or cut down to it.
+            other = np.resize(np.arange(rows), limit + 1) if rows <= limit else np.arange(limit)
+            feeds = {name: value[other] for name, value in self.probe.items()}
+            error = max(error, self._check(run(feeds), what, other, tally))
+        if self._probe_routing is None:
             return error
-        rows = len(next(iter(self.probe.values())))
-        # The probe tiled past the limit, or cut down to it.
-        other = np.resize(np.arange(rows), limit + 1) if rows <= limit else np.arange(limit)
-        feeds = {name: value[other] for name, value in self.probe.items()}
-        return max(error, self.check(run(feeds), what, rows=other))
+        if self._fit_routing is not None:
+            total = len(self._fit_routing.exit_stage)
+            batches = [
+                np.arange(start, min(start + _CHECK_ROWS, total))
+                for start in range(0, total, _CHECK_ROWS)
+            ]
+            # And batches whose rows all leave at stage 1: every later stage sees no rows.
+            first = np.flatnonzero(self._fit_routing.exit_stage == 1)[:64]
+            if len(first):
+                batches += [first, first[:1]]
+            for rows in batches:
+                feeds = {name: value[rows] for name, value in self._fit_feeds.items()}
+                expected = self._fit_routing.subset(rows)
+                where = f"{what} on the validation data"
+                error = max(error, self._compare(run(feeds), where, expected, tally, "fit"))
+        fused = what == "The fused model"
+        compared = fused or self.head.exit_stage
+        self.routing_checks["fused_model" if fused else "artifact"] = {
+            "exit_stages": "compared" if compared else "inferred from the prediction",
+            "probe_rows": len(self._probe_routing.exit_stage),
+            "probe_rows_near_a_threshold": int(
+                (self._probe_routing.plausible().sum(axis=0) > 1).sum()
+            ),
+            "probe_rows_routed_otherwise": tally["probe"],
+            "fit_rows": 0 if self._fit_routing is None else len(self._fit_routing.exit_stage),
+            "fit_rows_routed_otherwise": tally["fit"],
+        }
+        return error
 
     def check(self, results: dict[str, np.ndarray], what: str, rows: Any = None) -> float:
         """Compare results on the probe batch (or on its ``rows``, in that order) with the
@@ -562,12 +729,30 @@ class Ensemble:
 
         Returns the max abs error. Raises ``VerificationError`` beyond tolerance.
         """
+        return self._check(results, what, rows, {"probe": 0, "fit": 0})
+
+    def _check(self, results: dict, what: str, rows: Any, tally: dict[str, int]) -> float:
+        if self._probe_routing is None:
+            expected = self.reference
+            if rows is not None:
+                expected = {name: value[rows] for name, value in expected.items()}
+            return self._compare(results, what, expected, tally, "probe")
+        routing = self._probe_routing if rows is None else self._probe_routing.subset(rows)
+        return self._compare(results, what, routing, tally, "probe")
+
+    def _compare(
+        self, results: dict, what: str, expected: Any, tally: dict[str, int], rows_of: str
+    ) -> float:
+        """The largest error of ``results`` against ``expected``: reference values by
+        output name, or a cascade's ``Expectation`` (which picks, row by row, the values
+        of the stage the row left at, after checking that stage)."""
+        if isinstance(expected, cascade_lib.Expectation):
+            expected, otherwise = expected.expected(results, what)
+            tally[rows_of] += otherwise
         worst = 0.0
         for spec in self.outputs:
             got = np.asarray(results[spec.name], dtype=np.float64)
-            want = self.reference[spec.name]
-            if rows is not None:
-                want = want[rows]
+            want = expected[spec.name]
             if got.shape != want.shape:
                 raise VerificationError(
                     f"{what} returns output '{spec.name}' of shape {got.shape}, but the members "
@@ -599,6 +784,13 @@ class Ensemble:
         expose_members: bool,
     ) -> dict[str, np.ndarray]:
         """Every output computed in NumPy from the members' own outputs on the probe batch."""
+        if self._probe_routing is not None:  # a cascade: each row where it leaves
+            routing = self._probe_routing
+            rows = np.arange(len(routing.exit_stage))
+            return {
+                name: value[routing.exit_stage - 1, rows]
+                for name, value in routing.candidates.items()
+            }
         reference = {}
         single = len(wiring.outputs) == 1
         for spec in wiring.outputs:
@@ -628,7 +820,11 @@ class Ensemble:
             "outputs": [spec.to_json() for spec in self.outputs],
             "fusion": {**self.fusion.to_manifest(), "xla": self.xla},
             "build": dict(self._build_info),
-            "verification": {"fused_model": dict(self.verification), **self._nonfinite_record()},
+            "verification": {
+                "fused_model": dict(self.verification),
+                **self._nonfinite_record(),
+                **({"routing": dict(self.routing_checks)} if self.routing_checks else {}),
+            },
             "artifact": {},
         }
 
@@ -654,6 +850,10 @@ class Ensemble:
         from fuser import export
 
         return export.write(self, Path(path), force=force, opset=opset)
+
+
+# The validation rows a cascade is checked on go through the model this many at a time.
+_CHECK_ROWS = 4096
 
 
 def _manifest_score(value: float) -> float | None:

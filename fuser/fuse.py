@@ -51,6 +51,10 @@ def assemble(
         spec.name: keras.Input(shape=spec.shape[1:], dtype=spec.dtype, name=spec.name)
         for spec in plan.inputs
     }
+    if head.routes:
+        return _assemble_cascade(
+            members, plan, head, fused_inputs, tasks=tasks, uncertainty=uncertainty, fusion=fusion
+        )
     # Per output, blocks of (batch, k, ...) values and the member positions they hold.
     blocks: list[list[tuple[list[int], Any]]] = [[] for _ in plan.outputs]
     position = {member.name: index for index, member in enumerate(members)}
@@ -114,6 +118,135 @@ def assemble(
         outputs=combined,
         name="fused_ensemble",
     )
+
+
+def _assemble_cascade(
+    members: Sequence[Member],
+    plan: Plan,
+    head: Head,
+    fused_inputs: dict[str, Any],
+    *,
+    tasks: dict[str, str],
+    uncertainty: bool,
+    fusion: FusionPlan | None,
+) -> Any:
+    """The cascade (``runtime._cascade.Cascade``) around one stage model per stage.
+
+    Outputs: the prediction, ``exit_stage`` (always: the build verifies the routing with
+    it; ``fuser.ensemble.Ensemble`` drops it from the artifact unless asked for), and the
+    uncertainty outputs over the members each row ran.
+    """
+    import keras
+
+    from runtime._cascade import Cascade
+
+    (spec,) = plan.outputs  # the head refuses several outputs
+    task = tasks[spec.name]
+    stages = [
+        stage_model(members, indices, plan, fusion, f"cascade_stage{number + 1}")
+        for number, indices in enumerate(head.stages)
+    ]
+    # The mean as weights of one: the running sum needs no scaling (fewer graph nodes).
+    weights = np.ones(len(members)) if head.weights is None else head.weights
+    layer = Cascade(
+        stages,
+        [[float(weights[index]) for index in indices] for indices in head.stages],
+        head.thresholds,
+        task=task,
+        confidence=head.confidence,
+        member_order=[index for indices in head.stages for index in indices],
+        keep_members=uncertainty,
+        empty=head.empty or None,
+        name="cascade",
+    )
+    outputs = layer([fused_inputs[each.name] for each in plan.inputs])
+    prediction = outputs[0]
+    combined = {spec.name: prediction, EXIT_STAGE: outputs[1]}
+    for kind in uncertainty_lib.kinds(task, uncertainty=uncertainty, expose_members=False):
+        name = uncertainty_lib.extra_name(kind, spec.name, True)
+        combined[name] = uncertainty_lib.ran_graph(
+            kind, outputs[2], outputs[3], prediction, spec.shape[-1]
+        )
+    return keras.Model(
+        inputs=[fused_inputs[each.name] for each in plan.inputs],
+        outputs=combined,
+        name="fused_ensemble",
+    )
+
+
+EXIT_STAGE = "exit_stage"
+
+
+def stage_model(
+    members: Sequence[Member],
+    indices: Sequence[int],
+    plan: Plan,
+    fusion: FusionPlan | None,
+    name: str,
+) -> Any:
+    """One cascade stage as a Keras model: the ensemble's inputs (all of them, in order)
+    to the raw outputs of the members ``indices``, ``(batch, members, ...)`` float32.
+
+    Members that make up a stacked group of ``fusion`` run stacked (or behind the
+    group's switch on the batch size); others as plain branches side by side. A group
+    whose lowering fails is demoted to plain branches, as ``assemble`` does.
+    """
+    import keras
+    from keras import ops
+
+    chosen = [members[index] for index in indices]
+    inputs = {
+        spec.name: keras.Input(shape=spec.shape[1:], dtype=spec.dtype, name=f"{name}_{spec.name}")
+        for spec in plan.inputs
+    }
+    slot = 0  # one output: the head refuses several
+    names = [member.name for member in chosen]
+    group = next(
+        (
+            each
+            for each in (fusion.groups if fusion is not None else [])
+            if [member.name for member in each.members] == names
+        ),
+        None,
+    )
+    values = None
+    if group is not None:
+        first = group.members[0]
+        group_inputs = [inputs[input_name] for input_name in plan.input_order[first.name]]
+        try:
+            if group.max_stacked_batch is None:
+                outputs = stack_lib.lower(group, group_inputs, prefix=f"{name}_stack")
+            else:
+                from runtime._switch import BatchSwitch
+
+                forms = group_forms(group, f"{name}_stack")
+                switch = BatchSwitch(
+                    forms["stacked"],
+                    forms["plain"],
+                    group.max_stacked_batch,
+                    name=f"{name}_switch",
+                )
+                outputs = list(switch(group_inputs))
+            values = ops.cast(outputs[plan.output_order[first.name][slot]], "float32")
+        except stack_lib.Unsupported as reason:
+            fusion.demote(group, str(reason))
+        except Exception as error:  # Keras refused the lowered layers
+            if fusion.mode != "auto":
+                names_text = ", ".join(member.name for member in group.members)
+                raise StageError("fusing", f"the stacked group of {names_text}", error) from error
+            fusion.demote(
+                group, f"lowering its stacked form failed ({library_of(error)}: {brief(error)})."
+            )
+    if values is None:
+        columns = []
+        for member in chosen:
+            branch_outputs = keras.tree.flatten(
+                branch(member)([inputs[input_name] for input_name in plan.input_order[member.name]])
+            )
+            value = branch_outputs[plan.output_order[member.name][slot]]
+            columns.append(ops.expand_dims(ops.cast(value, "float32"), 1))
+        values = columns[0] if len(columns) == 1 else ops.concatenate(columns, axis=1)
+    return keras.Model([inputs[spec.name] for spec in plan.inputs], values, name=name)
 
 
 def _in_member_order(blocks: list[tuple[list[int], Any]], ops: Any) -> Any:

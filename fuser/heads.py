@@ -12,11 +12,18 @@ the probability of the positive class. Their answer is always probabilities, in 
 members' layout. Heads are built from built-in Keras layers and ``keras.ops`` only, so a
 ``.keras`` artifact loads in safe mode without registering any fuser class.
 
+The ``cascade`` head is the exception: it routes rows, so each runs only the members it
+needs, and is built around the members (``fuser.fuse.assemble``) as one registered layer,
+``runtime._cascade.Cascade``, which the runtime imports before it loads a ``.keras``
+artifact. Its NumPy face is ``np_route``; ``fuser.cascade`` calibrates it.
+
 ``HEADS`` declares the heads; ``make_head`` is the one place their options are checked.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -103,6 +110,9 @@ class Head:
     name: ClassVar[str]
     tasks: ClassVar[frozenset[str]] = frozenset(TASKS)
     needs_fit: ClassVar[bool] = False
+    # A routing head runs only some members per row: ``fuser.fuse.assemble`` builds it
+    # around the members (``runtime._cascade.Cascade``) instead of calling ``combine``.
+    routes: ClassVar[bool] = False
 
     def params(self) -> dict[str, Any]:
         """Parameters recorded in the manifest."""
@@ -162,27 +172,14 @@ class WeightedHead(Head):
                 "The 'weighted' head needs weights: --weights 0.5,0.3,0.2 (one per member), or "
                 "--select greedy:K with --fit-data to learn them."
             )
-        weights = np.asarray(weights, dtype=np.float64)
-        if weights.ndim != 1 or not np.all(np.isfinite(weights)) or np.any(weights < 0):
-            raise FuseError(
-                f"Weights must be finite, non-negative numbers, one per member; got "
-                f"{_list(weights)}."
-            )
-        if weights.sum() <= 0:
-            raise FuseError(f"Weights must not all be zero; got {_list(weights)}.")
-        self.weights = weights / weights.sum()
+        self.weights = normalised_weights(weights)
 
     def params(self) -> dict[str, Any]:
         return {"weights": [round(float(weight), 10) for weight in self.weights]}
 
     def problems(self, *, n_members: int, tasks: dict[str, str], shapes: dict) -> list[str]:
         problems = super().problems(n_members=n_members, tasks=tasks, shapes=shapes)
-        if len(self.weights) != n_members:
-            problems.append(
-                f"--weights gives {len(self.weights)} weights for {n_members} members; give "
-                "one weight per member, in the members' order."
-            )
-        return problems
+        return problems + _weight_count_problems(self.weights, n_members)
 
     def combine(self, values: Any, *, task: str, output: str) -> Any:
         import keras
@@ -367,6 +364,232 @@ class StackHead(Head):
         return self.fitted[output]
 
 
+CONFIDENCES = ("max", "margin")
+
+
+@dataclasses.dataclass(frozen=True)
+class Routing:
+    """How a cascade routes rows, computed in NumPy from the members' outputs.
+
+    ``combined`` is each stage's combined prediction (of the members run up to it),
+    ``(stages, rows, classes)``, ``confidence`` its confidence, ``(stages, rows)``, and
+    ``exit_stage`` the 1-based stage each row leaves at; ``prediction`` is the answer,
+    in the members' layout.
+    """
+
+    combined: np.ndarray
+    confidence: np.ndarray
+    exit_stage: np.ndarray
+    prediction: np.ndarray
+
+
+def np_confidence(probabilities: np.ndarray, kind: str) -> np.ndarray:
+    """The confidence of class distributions on the last axis: the largest probability
+    (``max``) or the largest minus the second largest (``margin``)."""
+    if kind == "max":
+        return probabilities.max(axis=-1)
+    top = np.sort(probabilities, axis=-1)
+    return top[..., -1] - top[..., -2]
+
+
+def np_route(
+    probabilities: np.ndarray,
+    stages: Sequence[Sequence[int]],
+    weights: np.ndarray,
+    thresholds: Sequence[float | None],
+    confidence: str,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The cascade in NumPy, as ``runtime._cascade.Cascade`` computes it in the graph.
+
+    ``probabilities`` is ``(members, rows, classes)``; ``stages`` lists each stage's
+    members (indices), ``weights`` one weight per member. After each stage but the last,
+    a row leaves unless its confidence is below the stage's threshold (so a NaN one
+    leaves; ``None``: no row leaves there).
+
+    Returns ``(combined, confidence, exit_stage)`` as ``Routing`` describes them.
+    """
+    running = np.zeros(probabilities.shape[1:])
+    total = 0.0
+    combined = []
+    for members in stages:
+        running = running + np.tensordot(weights[members], probabilities[members], axes=1)
+        total += float(weights[members].sum())
+        combined.append(running / total)
+    combined = np.stack(combined)
+    conf = np_confidence(combined, confidence)
+    exit_stage = np.full(probabilities.shape[1], len(stages))
+    running_rows = np.ones(probabilities.shape[1], dtype=bool)
+    for number, threshold in enumerate(thresholds):
+        if threshold is None:
+            continue
+        with np.errstate(invalid="ignore"):
+            leaving = running_rows & ~(conf[number] < threshold)
+        exit_stage[leaving] = number + 1
+        running_rows &= ~leaving
+    return combined, conf, exit_stage
+
+
+class CascadeHead(Head):
+    """A confidence cascade: each row runs the members it needs, cheapest first.
+
+    Stage 1 (a member, or a stacked group of members) runs on every row; a row leaves
+    as soon as the combined prediction of the members run so far (their mean, or their
+    weighted mean with ``weights`` renormalised over them) is confident enough (its
+    largest probability, or the margin between its two largest, at or above that
+    stage's threshold); the rest go on; the last stage answers for every row left. The
+    order of the stages and their thresholds are calibrated at build time on the
+    validation data (``fuser.cascade``), to cost the least per row while keeping the
+    validation metric within ``tolerance`` of the full ensemble's.
+
+    In the graph the routing is ``runtime._cascade.Cascade``: rows are gathered into
+    each stage and their answers scattered back, so rows that left cost nothing later.
+    Classifiers with one output only.
+
+    Args:
+        weights: one weight per member (default: equal), normalised to sum to one.
+        order: member names, the stages' order (default: cheapest first, as measured).
+        tolerance: how much worse than the full ensemble the cascade may score on the
+            validation data, in the metric's units (default ``DEFAULT_TOLERANCE``: one
+            error per thousand rows for accuracy).
+        confidence: ``max`` (default) or ``margin``.
+        exit_stage: add an output ``exit_stage``, the stage each row left at.
+        costs: member name -> cost per row, to use instead of timing the stages.
+    """
+
+    name = "cascade"
+    tasks = CLASSIFICATION
+    needs_fit = True
+    routes = True
+    DEFAULT_TOLERANCE = 0.001
+
+    def __init__(
+        self,
+        weights: Sequence[float] | None = None,
+        *,
+        order: Sequence[str] | None = None,
+        tolerance: float | None = None,
+        confidence: str | None = None,
+        exit_stage: bool = False,
+        costs: dict[str, float] | None = None,
+    ) -> None:
+        problems = []
+        if tolerance is not None and (
+            isinstance(tolerance, bool)
+            or not isinstance(tolerance, (int, float))
+            or not math.isfinite(tolerance)
+            or tolerance < 0
+        ):
+            problems.append(
+                f"--cascade-tolerance must be a number of at least 0, in the metric's units "
+                f"(for accuracy, 0.001 is one error per thousand rows); got {tolerance!r}."
+            )
+        if confidence is not None and confidence not in CONFIDENCES:
+            problems.append(
+                f"--cascade-confidence must be one of {', '.join(CONFIDENCES)}; got {confidence!r}."
+            )
+        if order is not None and (
+            isinstance(order, str) or not all(isinstance(name, str) for name in order)
+        ):
+            problems.append(f"--cascade-order must be a list of member names; got {order!r}.")
+        if not isinstance(exit_stage, bool):
+            problems.append(f"cascade_exit_stage must be True or False, got {exit_stage!r}.")
+        if costs is not None and not (
+            isinstance(costs, dict)
+            and all(
+                isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+                for value in costs.values()
+            )
+        ):
+            problems.append(f"costs must map member names to positive numbers; got {costs!r}.")
+        if problems:
+            raise FuseError(problems)
+        self.weights = None if weights is None else normalised_weights(weights)
+        self.order = None if order is None else list(order)
+        self.tolerance = self.DEFAULT_TOLERANCE if tolerance is None else float(tolerance)
+        self.confidence = confidence or "max"
+        self.exit_stage = exit_stage
+        self.costs = None if costs is None else dict(costs)
+        # Set by fit (the validation data) and by fuser.cascade.calibrate.
+        self.fitted: dict[str, Any] = {}
+        self.stages: list[list[int]] | None = None
+        self.thresholds: list[float | None] = []
+        self.empty: list[str] = []  # per stage, runtime._cascade.EMPTY
+        self.margin = 0.0
+        self.calibration: dict[str, Any] = {}
+
+    @property
+    def combination(self) -> str:
+        return "mean" if self.weights is None else "weighted"
+
+    def set_weights(self, weights: Sequence[float]) -> None:
+        """Weigh the members (greedy selection's pick counts); normalised to sum to one."""
+        self.weights = normalised_weights(weights)
+
+    def member_weights(self, members: int) -> np.ndarray:
+        return np.full(members, 1.0 / members) if self.weights is None else self.weights
+
+    def params(self) -> dict[str, Any]:
+        return dict(self.calibration)
+
+    def problems(self, *, n_members: int, tasks: dict[str, str], shapes: dict) -> list[str]:
+        if len(tasks) > 1:
+            return [
+                "The 'cascade' head routes rows by the confidence of one output, but this "
+                f"ensemble has outputs {', '.join(tasks)}; build it from one-output members."
+            ]
+        problems = []
+        for output, task in tasks.items():
+            if task not in self.tasks:
+                problems.append(
+                    f"The 'cascade' head routes rows by the confidence of a classifier's "
+                    f"prediction, but output {output!r} is {_task_phrase(task)}; choose another "
+                    "head, or --task if the task was inferred wrongly."
+                )
+        if n_members < 2:
+            problems.append(
+                f"The 'cascade' head needs at least 2 members (one stage each); got {n_members}."
+            )
+        if self.weights is not None:
+            problems += _weight_count_problems(self.weights, n_members)
+        return problems
+
+    def fit(self, output: str, values: np.ndarray, target: np.ndarray, task: str) -> None:
+        """Keep the validation data; ``fuser.cascade.calibrate`` uses it once the stages
+        (members and stacked groups) are known."""
+        self.fitted = {"output": output, "values": values, "target": target, "task": task}
+
+    def combine(self, values: Any, *, task: str, output: str) -> Any:
+        raise FuseError(
+            "The 'cascade' head runs inside the graph around the members "
+            "(fuser.fuse.assemble), not on their stacked outputs."
+        )
+
+    def route(self, values: np.ndarray, task: str) -> Routing:
+        """The routing of rows whose members' outputs are ``values`` ``(members, rows, ...)``."""
+        stages = self._calibrated()
+        probabilities = np_distribution(values, task)
+        combined, conf, exit_stage = np_route(
+            probabilities,
+            stages,
+            self.member_weights(len(values)),
+            self.thresholds,
+            self.confidence,
+        )
+        chosen = combined[exit_stage - 1, np.arange(len(exit_stage))]
+        return Routing(combined, conf, exit_stage, np_answer(chosen, values.shape[-1]))
+
+    def reference(self, values: np.ndarray, *, task: str, output: str) -> np.ndarray:
+        return self.route(values, task).prediction
+
+    def _calibrated(self) -> list[list[int]]:
+        if self.stages is None:
+            raise FuseError(
+                "The 'cascade' head must be calibrated on validation data: pass --fit-data "
+                "VAL.npz (fit_data= in Python)."
+            )
+        return self.stages
+
+
 POOL_PENALTIES = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 
@@ -463,25 +686,72 @@ def _fit_ridge(features: np.ndarray, target: np.ndarray) -> dict[str, Any]:
 
 HEADS: dict[str, type[Head]] = {
     head.name: head
-    for head in (MeanHead, WeightedHead, MedianHead, GeometricHead, VoteHead, StackHead)
+    for head in (
+        MeanHead,
+        WeightedHead,
+        MedianHead,
+        GeometricHead,
+        VoteHead,
+        StackHead,
+        CascadeHead,
+    )
+}
+# The cascade's own options (``fuser.build`` keyword, CLI flag).
+CASCADE_OPTIONS = {
+    "cascade_order": "--cascade-order",
+    "cascade_tolerance": "--cascade-tolerance",
+    "cascade_confidence": "--cascade-confidence",
+    "cascade_exit_stage": "--cascade-exit-stage",
 }
 
 
-def make_head(head: str | Head, *, weights: Sequence[float] | None = None) -> Head:
+def make_head(
+    head: str | Head,
+    *,
+    weights: Sequence[float] | None = None,
+    cascade_order: Sequence[str] | None = None,
+    cascade_tolerance: float | None = None,
+    cascade_confidence: str | None = None,
+    cascade_exit_stage: bool = False,
+) -> Head:
     """The head named ``head`` configured with its options, or ``head`` itself if a Head.
 
     Raises:
         FuseError: an unknown head, or options that head does not take.
     """
+    cascade = {
+        "cascade_order": cascade_order,
+        "cascade_tolerance": cascade_tolerance,
+        "cascade_confidence": cascade_confidence,
+        "cascade_exit_stage": cascade_exit_stage or None,
+    }
+    given = [CASCADE_OPTIONS[key] for key, value in cascade.items() if value is not None]
+    name = head.name if isinstance(head, Head) else head
+    if given and name != "cascade":
+        raise FuseError(
+            f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to the 'cascade' "
+            f"head, not {name!r}; pass --head cascade."
+        )
     if isinstance(head, Head):
+        if given:
+            raise FuseError(f"Give {', '.join(given)} to the CascadeHead itself, not beside it.")
         return head
     if head not in HEADS:
         raise FuseError(f"Unknown head {head!r}; choose one of: {', '.join(HEADS)}.")
     if head == "weighted":
         return WeightedHead(weights)
+    if head == "cascade":
+        return CascadeHead(
+            weights,
+            order=cascade_order,
+            tolerance=cascade_tolerance,
+            confidence=cascade_confidence,
+            exit_stage=bool(cascade_exit_stage),
+        )
     if weights is not None:
         raise FuseError(
-            f"--weights applies to the 'weighted' head, not {head!r}; pass --head weighted."
+            f"--weights applies to the 'weighted' head (and 'cascade'), not {head!r}; pass "
+            "--head weighted."
         )
     return HEADS[head]()
 
@@ -496,3 +766,28 @@ def _task_phrase(task: str) -> str:
 
 def _list(values: np.ndarray) -> str:
     return ", ".join(f"{value:g}" for value in np.atleast_1d(values))
+
+
+def normalised_weights(weights: Sequence[float]) -> np.ndarray:
+    """Finite, non-negative weights, not all zero, scaled to sum to one.
+
+    Raises:
+        FuseError: any other weights, naming them.
+    """
+    weights = np.asarray(weights, dtype=np.float64)
+    if weights.ndim != 1 or not np.all(np.isfinite(weights)) or np.any(weights < 0):
+        raise FuseError(
+            f"Weights must be finite, non-negative numbers, one per member; got {_list(weights)}."
+        )
+    if weights.sum() <= 0:
+        raise FuseError(f"Weights must not all be zero; got {_list(weights)}.")
+    return weights / weights.sum()
+
+
+def _weight_count_problems(weights: np.ndarray, n_members: int) -> list[str]:
+    if len(weights) == n_members:
+        return []
+    return [
+        f"--weights gives {len(weights)} weights for {n_members} members; give one weight per "
+        "member, in the members' order."
+    ]

@@ -9,7 +9,9 @@ mean minus the members' mean entropy: how much the members disagree. ``members``
 Entropies are in nats. For a one-output ensemble the outputs are called ``std``,
 ``entropy``, ``mutual_info`` and ``members``; with several outputs each is prefixed with
 its output's name (``probs_std``). Like the heads, every output has a graph face and a
-NumPy face that the build checks against each other.
+NumPy face that the build checks against each other. A cascade (``--head cascade``)
+computes them over the members each row ran (``ran_graph``; the NumPy face is
+``reference`` on those members).
 """
 
 from __future__ import annotations
@@ -59,6 +61,27 @@ def graph(kind: str, values: Any, prediction: Any, task: str) -> Any:
     if kind == "mutual_info":
         members = distribution(values, task)
         return _entropy(ops.mean(members, axis=1)) - ops.mean(_entropy(members), axis=1)
+    raise ValueError(kind)
+
+
+def ran_graph(kind: str, probabilities: Any, ran: Any, prediction: Any, columns: int) -> Any:
+    """``graph`` over the members each row ran (a cascade): ``probabilities`` is
+    ``(batch, members, classes)`` with zeros where a row did not run a member, ``ran`` is
+    ``(batch, members)``, 1.0 where it did. Classifiers only; ``members`` is not offered
+    (a cascade runs only some members per row)."""
+    from keras import ops
+
+    count = ops.sum(ran, axis=1, keepdims=True)  # at least one: every row runs stage 1
+    weights = ops.expand_dims(ran / count, -1)  # (batch, members, 1)
+    mean = ops.sum(probabilities * weights, axis=1)
+    if kind == "std":
+        deviation = probabilities - ops.expand_dims(mean, 1)
+        return answer(ops.sqrt(ops.sum(deviation * deviation * weights, axis=1)), columns)
+    if kind == "entropy":
+        return _entropy(distribution(prediction, "probabilities"))
+    if kind == "mutual_info":
+        member_entropy = _entropy(probabilities)  # (batch, members)
+        return _entropy(mean) - ops.sum(member_entropy * ran, axis=1) / ops.squeeze(count, -1)
     raise ValueError(kind)
 
 

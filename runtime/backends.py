@@ -258,6 +258,7 @@ class KerasBackend:
         import keras
         import tensorflow as tf
 
+        import runtime._cascade  # registers Cascade, the routing of --head cascade
         import runtime._switch  # noqa: F401 - registers BatchSwitch, which fused models may hold
 
         try:

@@ -64,3 +64,31 @@ def test_digits_example_builds_a_fused_ensemble_and_reports_its_gains(tmp_path):
     ]
     assert {member["format"] for member in served.manifest["members"]} >= {"keras", "h5"}
     assert runtime.load(tmp_path / "digits_savedmodel").format == "savedmodel"
+
+
+CASCADE_EXAMPLE = EXAMPLE.with_name("cascade.py")
+
+
+@pytest.mark.slow
+def test_cascade_example_prints_the_accuracy_cost_curve_and_plots_it(tmp_path):
+    finished = subprocess.run(
+        [sys.executable, str(CASCADE_EXAMPLE), "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    report = finished.stdout
+    accuracies = dict(re.findall(r"^   (\w+)\s+(0\.\d{4})$", report, flags=re.MULTILINE))
+    assert set(accuracies) == {"small", "wide", "deep", "conv", "full", "cascade"}
+    assert float(accuracies["cascade"]) > float(accuracies["small"]) - 0.02
+    assert re.search(r"^   stage 1: small ", report, flags=re.MULTILINE)
+    assert re.search(r"expected cost per row [\d.]+ us against [\d.]+ us", report)
+    assert re.search(r"test digits leave the cascade at stage 1 [\d.]+%", report)
+    curve = re.findall(r"^\s+([\d.]+)\s+(0\.\d{4})\s+([\d.]+)%", report, flags=re.MULTILINE)
+    assert len(curve) == 7, report
+    assert all(float(cost) < 100 for _, _, cost in curve)  # cheaper than the full ensemble
+    assert (tmp_path / "cascade" / "cascade_curve.png").stat().st_size > 10_000
+    served = runtime.load(tmp_path / "cascade" / "cascade.onnx")
+    assert served.manifest["head"]["name"] == "cascade"
+    assert [spec.name for spec in served.outputs] == ["prediction", "exit_stage"]

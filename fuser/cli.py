@@ -32,6 +32,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fuser: interrupted.", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of our output went away (| head): nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
     except Exception as error:  # one sentence for the user; the traceback with --debug
         if arguments.debug:
             traceback.print_exc()
@@ -161,7 +164,22 @@ def _parser() -> argparse.ArgumentParser:
         "this machine not slower at any batch size), stack (wherever possible), off "
         "(default: auto)",
     )
-    build.add_argument("--jobs", type=int, help="members loaded at once (default: one per core)")
+    build.add_argument(
+        "--jobs",
+        type=int,
+        help="members loaded at once (default: one per core), and converted to ONNX at once in "
+        "worker processes (default: half the cores)",
+    )
+    build.add_argument(
+        "--cache",
+        type=Path,
+        metavar="DIR",
+        help="where members converted to ONNX are kept for the next build (default: "
+        "$FUSER_CACHE_DIR, else ~/.cache/fuser)",
+    )
+    build.add_argument(
+        "--no-cache", action="store_true", help="convert every member again; keep nothing"
+    )
     build.add_argument(
         "--max-member-bytes",
         type=_byte_size,
@@ -359,6 +377,8 @@ def _build(arguments: argparse.Namespace) -> int:
         safe_mode=not arguments.unsafe,
         custom_objects=custom_objects,
         max_member_bytes=arguments.max_member_bytes,
+        cache=not arguments.no_cache,
+        cache_dir=arguments.cache,
         probe_batch=arguments.probe_batch,
         tolerance=arguments.tolerance,
         allow_nonfinite=arguments.allow_nonfinite,
@@ -477,6 +497,19 @@ def describe_manifest(manifest: dict[str, Any], source: str, *, verified: bool =
         )
         if isinstance(build.get(key), (int, float)) and not isinstance(build.get(key), bool)
     ]
+    conversion = build.get("onnx_conversion")
+    if isinstance(conversion, dict) and conversion.get("by") == "units":
+        units = [unit for unit in conversion.get("units") or [] if isinstance(unit, dict)]
+        counts: dict[str, int] = {}
+        for unit in units:
+            counts[str(unit.get("converted"))] = counts.get(str(unit.get("converted")), 0) + 1
+        places = {"cache": "from the cache", "worker": "in workers", "this process": "here"}
+        done = ", ".join(
+            f"{count} {places.get(where, where)}" for where, count in sorted(counts.items())
+        )
+        figures.append(f"ONNX converted by units ({done})")
+    elif isinstance(conversion, dict) and conversion.get("by") == "whole":
+        figures.append(f"ONNX converted whole ({conversion.get('why')})")
     if figures:
         lines.append("build      " + ", ".join(figures))
     head = manifest["head"]

@@ -20,6 +20,7 @@ from fuser.errors import FuseError, StageError, VerificationError, stage
 from fuser.fuse import EXIT_STAGE, assemble, failing_groups
 from fuser.heads import CascadeHead, Head, WeightedHead, make_head
 from fuser.members import Member, check_max_member_bytes, load_members, parse_specs
+from fuser.onnx_units import ConversionOptions
 from fuser.progress import Reporter
 from fuser.selection import (
     Selection,
@@ -65,6 +66,8 @@ def build(
     xla: bool = False,
     safe_mode: bool = True,
     custom_objects: dict[str, Any] | None = None,
+    cache: bool = True,
+    cache_dir: str | os.PathLike | None = None,
     max_member_bytes: int | None = None,
     probe_batch: int = DEFAULT_PROBE_BATCH,
     tolerance: float = DEFAULT_TOLERANCE,
@@ -101,7 +104,13 @@ def build(
         fusion: ``"auto"`` stacks same-architecture members into one computation where
             that is measured not to be slower (see ``fuser.stack``), ``"stack"`` wherever
             possible, ``"off"`` keeps every member a plain branch.
-        jobs: members loaded at once (default: one per core, at most one per member).
+        jobs: members loaded at once (default: one per core, at most one per member), and
+            members converted to ONNX at once, each in a worker process (default: half the
+            cores, at least one; see ``fuser.onnx_units``).
+        cache: keep members converted to ONNX in a cache, so that a rebuild converts only
+            the members that changed.
+        cache_dir: the cache's folder (default: ``$FUSER_CACHE_DIR``, else
+            ``$XDG_CACHE_HOME/fuser``, else ``~/.cache/fuser``).
         input_name: name of the fused input when members have one input each
             (default: the first member's input name).
         xla: compile the fused function with XLA.
@@ -240,6 +249,14 @@ def build(
             tolerance=tolerance,
             validation=validation,
             fit_check=fit_check,
+            conversion=ConversionOptions(
+                jobs=jobs,
+                cache_dir=Path(cache_dir) if cache_dir is not None else None,
+                cache=cache,
+                safe_mode=safe_mode,
+                custom_objects=custom_objects,
+                max_member_bytes=max_member_bytes,
+            ),
             nonfinite=kept_nonfinite if allow_nonfinite else None,
             build_info={
                 "load_seconds": round(load_wall, 4),
@@ -501,6 +518,7 @@ class Ensemble:
         tolerance: float = DEFAULT_TOLERANCE,
         validation: dict[str, Any] | None = None,
         fit_check: tuple[dict[str, np.ndarray], np.ndarray] | None = None,
+        conversion: ConversionOptions | None = None,
         nonfinite: dict[str, dict[str, dict[str, int]]] | None = None,
         build_info: dict[str, Any] | None = None,
     ) -> None:
@@ -514,6 +532,10 @@ class Ensemble:
         self.reporter = Reporter(enabled=False)
         self.fusion = fusion or FusionPlan("off", [], {})
         self.probe = probe
+        self.wiring = wiring
+        self.uncertainty, self.expose_members = uncertainty, expose_members
+        self.probe_values = probe_values  # each member's outputs on the probe batch
+        self.conversion = conversion or ConversionOptions()
         # A cascade's answers depend on where each row leaves: they are checked against
         # every possible exit stage, and the routing itself, on the probe batch and on
         # the validation rows (``fuser.cascade.Expectation``).

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fuser import onnx_switch, placement
+from fuser import onnx_switch, onnx_units, placement
 from fuser.errors import FuseError, stage
 from fuser.onnx_convert import DEFAULT_OPSET, SUPPORTED_OPSETS, to_onnx
 from fuser.placement import TEMPORARY_PREFIX
@@ -110,6 +110,9 @@ def write(ensemble: Ensemble, path: Path, *, force: bool = False, opset: int | N
                 error = ensemble.verify(backend.run, f"The {kind} artifact {path}")
                 del backend
             manifest = ensemble.manifest
+            conversion = details.pop(CONVERSION, None)
+            if conversion is not None:
+                manifest["build"]["onnx_conversion"] = conversion
             manifest["artifact"] = {"format": kind, **details}
             memory = peak_memory_mb()
             manifest["build"]["peak_memory_mb"] = memory
@@ -141,6 +144,10 @@ def write(ensemble: Ensemble, path: Path, *, force: bool = False, opset: int | N
     return path
 
 
+# The writers' details under this key go to the manifest's build record, not its artifact's.
+CONVERSION = "_conversion"
+
+
 def peak_memory_mb() -> float:
     """The largest resident memory this process has had, in MB (Linux reports kB)."""
     import resource
@@ -166,7 +173,16 @@ _DATA_ALIGNMENT = 4096
 def _write_onnx(ensemble: Ensemble, path: Path, opset: int) -> dict[str, Any]:
     import onnx
 
-    model, output_tensors, input_tensors, weights = _convert_to_onnx(ensemble, opset)
+    why_whole = onnx_units.why_whole(ensemble, WEIGHTS_AS_INPUTS_BYTES, EXTERNAL_DATA_BYTES)
+    if why_whole is None:
+        model, report = onnx_units.convert(ensemble, opset, ensemble.conversion)
+        output_tensors = {spec.name: spec.name for spec in ensemble.outputs}
+        input_tensors = {spec.name: spec.name for spec in ensemble.inputs}
+        weights: dict[str, Any] = {}
+        conversion = report.to_manifest()
+    else:
+        model, output_tensors, input_tensors, weights = _convert_to_onnx(ensemble, opset)
+        conversion = {"by": "whole", "why": why_whole}
     renames = {tensor: name for name, tensor in input_tensors.items()}
     renames.update({tensor: name for name, tensor in output_tensors.items()})
     _rename_values(model.graph, renames)
@@ -179,7 +195,7 @@ def _write_onnx(ensemble: Ensemble, path: Path, opset: int) -> dict[str, Any]:
     from fuser import __version__
 
     model.producer_version = __version__
-    details: dict[str, Any] = {"opset": opset}
+    details: dict[str, Any] = {"opset": opset, CONVERSION: conversion}
     if ensemble.switch_batch is not None:
         details["switch_batch"] = ensemble.switch_batch  # for every switched group
     if weights:

@@ -101,18 +101,12 @@ def assemble(
         for slot, index in enumerate(plan.output_order[member.name]):
             tensor = ops.expand_dims(ops.cast(branch_outputs[index], "float32"), 1)
             blocks[slot].append(([position[member.name]], tensor))
-    combined = {}
-    single = len(plan.outputs) == 1
-    for slot, spec in enumerate(plan.outputs):
-        values = _in_member_order(blocks[slot], ops)
-        task = tasks[spec.name]
-        prediction = head.combine(values, task=task, output=spec.name)
-        combined[spec.name] = prediction
-        for kind in uncertainty_lib.kinds(
-            task, uncertainty=uncertainty, expose_members=expose_members
-        ):
-            name = uncertainty_lib.extra_name(kind, spec.name, single)
-            combined[name] = uncertainty_lib.graph(kind, values, prediction, task)
+    values = {
+        spec.name: _in_member_order(blocks[slot], ops) for slot, spec in enumerate(plan.outputs)
+    }
+    combined = head_outputs(
+        values, plan, head, tasks=tasks, uncertainty=uncertainty, expose_members=expose_members
+    )
     return keras.Model(
         inputs=[fused_inputs[spec.name] for spec in plan.inputs],
         outputs=combined,
@@ -247,6 +241,31 @@ def stage_model(
             columns.append(ops.expand_dims(ops.cast(value, "float32"), 1))
         values = columns[0] if len(columns) == 1 else ops.concatenate(columns, axis=1)
     return keras.Model([inputs[spec.name] for spec in plan.inputs], values, name=name)
+
+
+def head_outputs(
+    values: dict[str, Any],
+    plan: Plan,
+    head: Head,
+    *,
+    tasks: dict[str, str],
+    uncertainty: bool = False,
+    expose_members: bool = False,
+) -> dict[str, Any]:
+    """The head and the extra outputs, from each output's members' values stacked
+    ``(batch, members, ...)`` in member order: output name -> tensor."""
+    combined = {}
+    single = len(plan.outputs) == 1
+    for spec in plan.outputs:
+        task = tasks[spec.name]
+        prediction = head.combine(values[spec.name], task=task, output=spec.name)
+        combined[spec.name] = prediction
+        for kind in uncertainty_lib.kinds(
+            task, uncertainty=uncertainty, expose_members=expose_members
+        ):
+            name = uncertainty_lib.extra_name(kind, spec.name, single)
+            combined[name] = uncertainty_lib.graph(kind, values[spec.name], prediction, task)
+    return combined
 
 
 def _in_member_order(blocks: list[tuple[list[int], Any]], ops: Any) -> Any:

@@ -50,13 +50,19 @@ _LOCK = threading.Lock()  # the conversion swaps module attributes of TensorFlow
 
 
 def to_onnx(
-    concrete: Any, input_names: Sequence[str], opset: int, *, members: Sequence[str] = ()
+    concrete: Any,
+    input_names: Sequence[str],
+    opset: int,
+    *,
+    members: Sequence[str] = (),
+    owner: str = "the head",
 ) -> tuple[Any, list[str]]:
     """Freeze ``concrete`` (a traced ``tf.function``) and convert it to an ONNX model.
 
     ``input_names`` are tensor names of the graph (``x:0``). Returns the model and the
     names of its outputs: the frozen function's outputs, flat, in ``tf.nest`` order.
-    ``members`` (their names) let an unconvertible operation be traced to its member.
+    ``members`` (their names) let an unconvertible operation be traced to its member;
+    ``owner`` names whoever holds the nodes no member's name is found in.
 
     Raises:
         FuseError: the graph holds operations no ONNX opset has (they are named).
@@ -65,7 +71,7 @@ def to_onnx(
         frozen = freeze(concrete)
         output_names = [tensor.name for tensor in frozen.outputs]
         model = _convert(frozen.graph.as_graph_def(), list(input_names), output_names, opset)
-    check_operations(model, members)
+    check_operations(model, members, owner)
     return model, output_names
 
 
@@ -211,7 +217,7 @@ def _python_logs_quiet() -> Iterator[None]:
         yield
 
 
-def check_operations(model: Any, members: Sequence[str] = ()) -> None:
+def check_operations(model: Any, members: Sequence[str] = (), owner: str = "the head") -> None:
     """Refuse a converted model holding operations no ONNX opset defines, naming each
     TensorFlow op and the member (or stacked group) whose graph holds it."""
     import onnx
@@ -224,7 +230,7 @@ def check_operations(model: Any, members: Sequence[str] = ()) -> None:
             if node.domain in ("", "ai.onnx", "ai.onnx.ml") and not onnx.defs.has(
                 node.op_type, node.domain
             ):
-                found.setdefault(node.op_type, set()).add(_owner(node.name, members))
+                found.setdefault(node.op_type, set()).add(_owner(node.name, members, owner))
     if found:
         problems = [
             f"The TensorFlow operation {op} (in {', '.join(sorted(owners))}) has no ONNX "
@@ -235,7 +241,7 @@ def check_operations(model: Any, members: Sequence[str] = ()) -> None:
         raise FuseError(problems)
 
 
-def _owner(node_name: str, members: Sequence[str]) -> str:
+def _owner(node_name: str, members: Sequence[str], default: str) -> str:
     """Who a node belongs to, from its name: TensorFlow scopes nodes by the Keras layers
     they come from (``member_<name>``, with a ``_1`` TensorFlow may append; ``stack<N>_``
     for a stacked group)."""
@@ -245,7 +251,4 @@ def _owner(node_name: str, members: Sequence[str]) -> str:
     group = re.search(r"(?:^|/)(stack\d+)_", node_name)
     if group:
         return f"stacked group {group.group(1)}"
-    member = re.search(r"(?:^|/)member_([^/]+)/", node_name)
-    if member:
-        return f'member "{member.group(1)}"'
-    return "the head"
+    return default

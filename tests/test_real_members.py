@@ -153,8 +153,8 @@ def test_a_lookup_table_is_refused_for_onnx_naming_the_member_and_kept_elsewhere
     ensemble = fuser.build(paths)
     with pytest.raises(
         FuseError,
-        match=r"^The TensorFlow operation LookupTableFindV2 \(in member \"lookup_1\", member "
-        r"\"lookup_2\"\) has no ONNX equivalent that tf2onnx can convert; write a SavedModel",
+        match=r"^The TensorFlow operation LookupTableFindV2 \(in member \"lookup_[12]\"\) has "
+        r"no ONNX equivalent that tf2onnx can convert; write a SavedModel",
     ):
         ensemble.save(tmp_path / "e.onnx")
     assert sorted(entry.name for entry in tmp_path.iterdir()) == [

@@ -1,0 +1,194 @@
+"""Building real architectures: wall time and peak memory of ``fuser build``, phase by phase.
+
+``python -m benchmarks.real_members [--size 96] [--architectures a,b,...] [--workdir DIR]
+[--out DIR] [--fuser-source DIR] [--label TEXT]`` writes ``keras.applications`` members
+(random weights, perturbed so that members differ; ``classes=10``), then runs
+``fuser build MEMBERS --fusion off -o e.onnx -o e_savedmodel`` in a fresh process,
+measuring its wall time and peak resident memory (the child's own ``ru_maxrss``) and
+reading each stage's time from the build's progress lines. With ``--rebuild`` it then
+changes one member's weights and builds again, as after retraining one member.
+
+``--fuser-source DIR`` runs the ``fuser`` package found in DIR instead of this one (a
+``git worktree`` of an older commit, say), so that two versions are measured on one
+machine in one run; ``--label`` names the row. Results are appended to
+``DIR/real_members.json`` and ``REAL_MEMBERS.md`` is written from all rows there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.machine import describe_machine, describe_onednn
+
+ARCHITECTURES = (
+    "MobileNetV3Small",
+    "EfficientNetV2B0",
+    "ResNet50V2",
+    "NASNetMobile",
+    "DenseNet121",
+)
+_STEP = re.compile(r"^(?P<step>[A-Z][^:\n]*): done in (?P<seconds>[0-9.]+) s\.", re.MULTILINE)
+
+
+def write_members(
+    architectures: list[str], size: int, directory: Path, *, seed: int = 0
+) -> list[Path]:
+    """One ``.keras`` file per architecture, random weights perturbed with ``seed``."""
+    import keras
+
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, name in enumerate(architectures):
+        path = directory / f"{name}.keras"
+        paths.append(path)
+        if path.exists():
+            continue
+        keras.utils.set_random_seed(index)
+        model = getattr(keras.applications, name)(
+            input_shape=(size, size, 3), weights=None, classes=10
+        )
+        perturb(model, seed + index)
+        model.save(path)
+    return paths
+
+
+def perturb(model: Any, seed: int) -> None:
+    """Add noise to kernels and biases: untrained ImageNet models with ``weights=None``
+    can answer a constant, which would make the build's verification say nothing."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    for variable in model.weights:
+        if any(key in variable.path for key in ("kernel", "bias")):
+            value = np.asarray(variable)
+            variable.assign(value + rng.normal(0, 0.02, value.shape).astype(value.dtype))
+
+
+def weights_bytes(paths: list[Path]) -> int:
+    """The members' weights in bytes: a .keras file is its weights, stored uncompressed."""
+    return sum(path.stat().st_size for path in paths)
+
+
+def timed_build(
+    paths: list[Path], outputs: list[Path], source: Path | None, extra: list[str], cache: Path
+) -> dict[str, Any]:
+    """Run ``fuser build`` in a fresh process; wall seconds, peak RSS, stage times."""
+    environment = {
+        **os.environ,
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        "COLUMNS": "200",
+        "FUSER_CACHE_DIR": str(cache),
+    }
+    if source is not None:
+        environment["PYTHONPATH"] = str(source)
+    command = [sys.executable, "-m", "fuser", "build", *map(str, paths), "--force"]
+    command += [argument for output in outputs for argument in ("-o", str(output))] + extra
+    started = time.perf_counter()
+    process = subprocess.Popen(
+        command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=environment
+    )
+    stderr = process.stderr.read()
+    process.stderr.close()
+    _, status, usage = os.wait4(process.pid, 0)  # this child's own peak memory
+    process.returncode = os.waitstatus_to_exitcode(status)
+    seconds = time.perf_counter() - started
+    if process.returncode != 0:
+        raise SystemExit(f"fuser build failed ({process.returncode}):\n{stderr[-3000:]}")
+    peak_mb = usage.ru_maxrss / 1024
+    steps = {match["step"]: float(match["seconds"]) for match in _STEP.finditer(stderr)}
+    return {"seconds": round(seconds, 1), "peak_rss_mb": round(peak_mb), "steps": steps}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.real_members", description=__doc__)
+    parser.add_argument("--architectures", default=",".join(ARCHITECTURES))
+    parser.add_argument("--size", type=int, default=96)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/fuser-real-members"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--fuser-source", type=Path, help="run the fuser package in this folder")
+    parser.add_argument("--label", default="this version")
+    parser.add_argument("--rebuild", action="store_true", help="then rebuild, one member changed")
+    arguments = parser.parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    architectures = arguments.architectures.split(",")
+    members = arguments.workdir / f"members_{arguments.size}"
+    paths = write_members(architectures, arguments.size, members)
+    outputs = [arguments.workdir / "e.onnx", arguments.workdir / "e_savedmodel"]
+    cache = arguments.workdir / "cache"
+    shutil.rmtree(cache, ignore_errors=True)  # the first build converts every member
+    row: dict[str, Any] = {
+        "label": arguments.label,
+        "architectures": architectures,
+        "size": arguments.size,
+        "weights_mb": round(weights_bytes(paths) / 1e6, 1),
+        "first": timed_build(paths, outputs, arguments.fuser_source, ["--fusion", "off"], cache),
+    }
+    print(f"{arguments.label}: first build {row['first']}", flush=True)
+    if arguments.rebuild:
+        import keras
+
+        changed = paths[-1]
+        original = changed.read_bytes()
+        model = keras.models.load_model(changed)
+        perturb(model, 999)
+        model.save(changed)
+        row["rebuild_one_changed"] = timed_build(
+            paths, outputs, arguments.fuser_source, ["--fusion", "off"], cache
+        )
+        print(f"{arguments.label}: rebuild {row['rebuild_one_changed']}", flush=True)
+        changed.write_bytes(original)  # the members as they were, for the next run
+    arguments.out.mkdir(parents=True, exist_ok=True)
+    results_path = arguments.out / "real_members.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {"rows": []}
+    results["machine"] = describe_machine()
+    results["rows"] = [r for r in results["rows"] if r["label"] != row["label"]] + [row]
+    results_path.write_text(json.dumps(results, indent=2) + "\n")
+    (arguments.out / "REAL_MEMBERS.md").write_text(report(results))
+    return 0
+
+
+def report(results: dict[str, Any]) -> str:
+    machine = results["machine"]
+    lines = [
+        "# Building real architectures",
+        "",
+        "`python -m benchmarks.real_members` — `fuser build MEMBERS --fusion off -o e.onnx "
+        "-o e_savedmodel` in a fresh process; wall time and the process's peak resident "
+        "memory. Rows labelled with another version ran that version's code "
+        "(`--fuser-source`, a `git worktree` of the commit) on the same members, in the "
+        "same session.",
+        "",
+        f"Machine: {machine['cpu_model']}, {machine['cores_logical']} logical cores, "
+        f"{machine['memory_gb']} GB, TensorFlow {describe_onednn(machine)}; load average at "
+        f"start {machine['load_average_at_start']}.",
+        "",
+        "| version | members | weights | build | peak memory | memory goal (2 GB + 4x weights) "
+        "| stages |",
+        "| :--- | :--- | ---: | ---: | ---: | ---: | :--- |",
+    ]
+    for row in results["rows"]:
+        for key, what in (("first", "first build"), ("rebuild_one_changed", "one member changed")):
+            if key not in row:
+                continue
+            run = row[key]
+            goal = 2000 + 4 * row["weights_mb"]
+            steps = "; ".join(f"{step} {seconds:.1f} s" for step, seconds in run["steps"].items())
+            lines.append(
+                f"| {row['label']}, {what} | {', '.join(row['architectures'])} at "
+                f"{row['size']} px | {row['weights_mb']:.0f} MB | {run['seconds']:.0f} s | "
+                f"{run['peak_rss_mb']:,} MB | {goal:,.0f} MB | {steps} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

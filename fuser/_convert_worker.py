@@ -1,0 +1,83 @@
+"""Convert one member to ONNX in a process of its own (``fuser.onnx_units`` starts it).
+
+Usage: ``python -m fuser._convert_worker JOB.json``. The job names the member file, how to
+load it (safe mode, custom classes by module and name, the size limit), the fused input
+names it reads and the output slots, the opset and where to write the ONNX model. Prints
+one JSON line: ``{"seconds": ..., "peak_memory_mb": ...}``. Errors go to stderr, the last
+line one sentence, with a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+
+def main(job_path: str) -> int:
+    started = time.perf_counter()
+    job = json.loads(Path(job_path).read_text())
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from fuser._tf import tensorflow
+
+    tensorflow()
+    import keras
+    from keras import ops
+
+    from fuser.fuse import branch
+    from fuser.members import load_members, parse_specs
+    from fuser.onnx_units import unit_to_onnx
+
+    custom_objects = {
+        entry["name"]: _attribute(importlib.import_module(entry["module"]), entry["qualname"])
+        for entry in job["custom_objects"]
+    }
+    (member,), _ = load_members(
+        parse_specs([f"{job['name']}={job['path']}"]),
+        jobs=1,
+        safe_mode=job["safe_mode"],
+        custom_objects=custom_objects or None,
+        max_member_bytes=job["max_member_bytes"],
+    )
+    inputs = [
+        keras.Input(shape=spec.shape[1:], dtype=spec.dtype, name=name)
+        for name, spec in zip(job["inputs"], member.inputs)
+    ]
+    computed = keras.tree.flatten(branch(member)(inputs))
+    outputs = {
+        f"out_{slot}": ops.cast(computed[index], "float32")
+        for slot, index in enumerate(job["slots"])
+    }
+    model = unit_to_onnx(
+        keras.Model(inputs, outputs),
+        job["inputs"],
+        member.inputs,
+        job["opset"],
+        f'member "{member.name}"',
+    )
+    Path(job["output"]).write_bytes(model.SerializeToString())
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"seconds": time.perf_counter() - started, "peak_memory_mb": peak}))
+    return 0
+
+
+def _attribute(module: object, qualname: str) -> object:
+    value = module
+    for part in qualname.split("."):
+        value = getattr(value, part)
+    return value
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1]))
+    except Exception as error:  # one line for the build, which names the member
+        from fuser.errors import brief, library_of
+
+        where = library_of(error) or type(error).__name__
+        print(f"{where}: {brief(error)}", file=sys.stderr)
+        sys.exit(1)

@@ -1,10 +1,11 @@
-"""Convert one member to ONNX in a process of its own (``fuser.onnx_units`` starts it).
+"""Convert members to ONNX in a process of their own (``fuser.onnx_units`` starts it).
 
-Usage: ``python -m fuser._convert_worker JOB.json``. The job names the member file, how to
+Usage: ``python -m fuser._convert_worker JOBS.json``. Each job names a member file, how to
 load it (safe mode, custom classes by module and name, the size limit), the fused input
-names it reads and the output slots, the opset and where to write the ONNX model. Prints
-one JSON line: ``{"seconds": ..., "peak_memory_mb": ...}``. Errors go to stderr, the last
-line one sentence, with a non-zero exit status.
+names it reads and the output slots, the opset and where to write the ONNX model; they
+are done one after another (TensorFlow is imported once). Prints one JSON line:
+``{"seconds": ..., "peak_memory_mb": ...}``. An error ends the process with a non-zero
+status, its last line on stderr ``member NAME: what went wrong``.
 """
 
 from __future__ import annotations
@@ -18,13 +19,31 @@ import time
 from pathlib import Path
 
 
-def main(job_path: str) -> int:
+def main(jobs_path: str) -> int:
     started = time.perf_counter()
-    job = json.loads(Path(job_path).read_text())
+    jobs = json.loads(Path(jobs_path).read_text())
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     from fuser._tf import tensorflow
 
     tensorflow()
+    for job in jobs:
+        try:
+            convert(job)
+        except Exception as error:
+            raise Failed(job["name"], error) from error
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"seconds": time.perf_counter() - started, "peak_memory_mb": peak}))
+    return 0
+
+
+class Failed(Exception):
+    def __init__(self, member: str, error: BaseException) -> None:
+        super().__init__(member)
+        self.member, self.error = member, error
+
+
+def convert(job: dict) -> None:
+    """Load one member and write its unit's ONNX model where the job says."""
     import keras
     from keras import ops
 
@@ -60,9 +79,6 @@ def main(job_path: str) -> int:
         f'member "{member.name}"',
     )
     Path(job["output"]).write_bytes(model.SerializeToString())
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"seconds": time.perf_counter() - started, "peak_memory_mb": peak}))
-    return 0
 
 
 def _attribute(module: object, qualname: str) -> object:
@@ -75,9 +91,12 @@ def _attribute(module: object, qualname: str) -> object:
 if __name__ == "__main__":
     try:
         sys.exit(main(sys.argv[1]))
-    except Exception as error:  # one line for the build, which names the member
-        from fuser.errors import brief, library_of
+    except Failed as failure:  # one line for the build, which names the member
+        from fuser.errors import FuseError, brief, library_of
 
-        where = library_of(error) or type(error).__name__
-        print(f"{where}: {brief(error)}", file=sys.stderr)
+        error = failure.error
+        detail = brief(error)
+        if not isinstance(error, FuseError):  # a library's error: say which
+            detail = f"{library_of(error) or type(error).__name__}: {detail}"
+        print(f"member {failure.member}: {detail}", file=sys.stderr)
         sys.exit(1)

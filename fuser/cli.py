@@ -168,7 +168,7 @@ def _parser() -> argparse.ArgumentParser:
         "--jobs",
         type=int,
         help="members loaded at once (default: one per core), and converted to ONNX at once in "
-        "worker processes (default: half the cores)",
+        "worker processes (default: one per core)",
     )
     build.add_argument(
         "--cache",

@@ -105,8 +105,8 @@ def build(
             that is measured not to be slower (see ``fuser.stack``), ``"stack"`` wherever
             possible, ``"off"`` keeps every member a plain branch.
         jobs: members loaded at once (default: one per core, at most one per member), and
-            members converted to ONNX at once, each in a worker process (default: half the
-            cores, at least one; see ``fuser.onnx_units``).
+            large members converted to ONNX at once in worker processes (default: one per
+            core; see ``fuser.onnx_units``).
         cache: keep members converted to ONNX in a cache, so that a rebuild converts only
             the members that changed.
         cache_dir: the cache's folder (default: ``$FUSER_CACHE_DIR``, else

@@ -38,7 +38,6 @@ need an external data file.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import hashlib
 import json
@@ -73,7 +72,7 @@ class ConversionOptions:
     """How the ONNX writer converts: conversion workers, the cache, and how workers load
     members (as the build did)."""
 
-    jobs: int | None = None  # worker processes at once; None: half the cores, at least 1
+    jobs: int | None = None  # worker processes at once; None: one per core
     cache_dir: Path | None = None  # None: the default folder; see ``cache_folder``
     cache: bool = True
     safe_mode: bool = True
@@ -81,8 +80,8 @@ class ConversionOptions:
     max_member_bytes: int | None = None
 
     def workers(self, units: int) -> int:
-        default = max(1, (os.cpu_count() or 1) // 2)
-        return max(1, min(units, self.jobs or default))
+        # The build process waits while they work: one worker per core.
+        return max(1, min(units, self.jobs or os.cpu_count() or 1))
 
 
 def cache_folder(options: ConversionOptions) -> Path | None:
@@ -188,7 +187,7 @@ def convert(ensemble: Ensemble, opset: int, options: ConversionOptions) -> tuple
     units = _units(ensemble)
     folder = cache_folder(options)
     for unit in units:
-        unit.key = _key(unit, ensemble, opset) if folder is not None else None
+        unit.key = _key(unit, ensemble.inputs, opset) if folder is not None else None
         if unit.key is not None:
             unit.model = _cached(folder, unit.key)
             if unit.model is not None:
@@ -198,17 +197,22 @@ def convert(ensemble: Ensemble, opset: int, options: ConversionOptions) -> tuple
                     unit.model = None
     remote = [unit for unit in units if unit.model is None and _worker_job(unit, options)]
     local = [unit for unit in units if unit.model is None and unit not in remote]
-    workers = options.workers(len(remote)) if remote else 0
+    directory = tempfile.TemporaryDirectory(prefix="fuser-units-")
+    shares = _shares(remote, options.workers(len(remote))) if remote else []
+    workers = [
+        _Worker(share, opset, options, Path(directory.name), n) for n, share in enumerate(shares)
+    ]
     peaks: list[float] = []
-    with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
-        futures = {pool.submit(_in_worker, unit, opset, options, ensemble): unit for unit in remote}
-        for unit in local:  # meanwhile, here: groups, in-memory members
+    try:
+        for unit in local:  # meanwhile, here: groups, small members, in-memory members
             unit.model = _convert_here(unit, opset)
             unit.source = "this process"
-        for future, unit in futures.items():
-            unit.model, peak = future.result()
-            unit.source = "worker"
-            peaks.append(peak)
+        for worker in workers:
+            peaks.append(worker.wait())
+    finally:
+        for worker in workers:
+            worker.kill()
+        directory.cleanup()
     for unit in units:
         if unit.key is not None and unit.source != "cache":
             _store(folder, unit.key, unit.model)
@@ -223,7 +227,7 @@ def convert(ensemble: Ensemble, opset: int, options: ConversionOptions) -> tuple
             }
             for unit in units
         ],
-        workers=workers,
+        workers=len(shares),
         seconds=time.perf_counter() - started,
         worker_peak_memory_mb=max(peaks, default=0.0),
     )
@@ -252,7 +256,7 @@ def _fingerprint() -> dict[str, str]:
     return versions
 
 
-def _key(unit: Unit, ensemble: Ensemble, opset: int) -> str | None:
+def _key(unit: Unit, input_specs: Sequence[Any], opset: int) -> str | None:
     """A unit's cache key; None for members that are not files (nothing to hash)."""
     hashes = [member.sha256 for member in unit.members]
     if any(digest is None for digest in hashes):
@@ -263,7 +267,7 @@ def _key(unit: Unit, ensemble: Ensemble, opset: int) -> str | None:
         "inputs": unit.inputs,
         "input_specs": [
             [spec.name, list(spec.shape), spec.dtype]
-            for spec in ensemble.inputs
+            for spec in input_specs
             if spec.name in unit.inputs
         ],
         "slots": unit.slots,
@@ -375,17 +379,31 @@ def _worker_job(unit: Unit, options: ConversionOptions) -> dict[str, Any] | None
     }
 
 
-def _in_worker(
-    unit: Unit, opset: int, options: ConversionOptions, ensemble: Ensemble
-) -> tuple[Any, float]:
-    """Convert a member unit in a fresh process; the model and the worker's peak MB."""
-    import onnx
+def _shares(units: list[Unit], workers: int) -> list[list[Unit]]:
+    """``units`` dealt to ``workers`` processes, largest first to the least loaded: each
+    worker imports TensorFlow once (5 to 6 s) for all of its units."""
+    shares: list[list[Unit]] = [[] for _ in range(min(workers, len(units)))]
+    loads = [0] * len(shares)
+    for unit in sorted(units, key=lambda each: -each.members[0].parameters):
+        lightest = loads.index(min(loads))
+        shares[lightest].append(unit)
+        loads[lightest] += unit.members[0].parameters
+    return shares
 
-    job = _worker_job(unit, options)
-    with tempfile.TemporaryDirectory(prefix="fuser-unit-") as directory:
-        output = Path(directory) / "unit.onnx"
-        request = Path(directory) / "job.json"
-        request.write_text(json.dumps({**job, "opset": opset, "output": str(output)}))
+
+class _Worker:
+    """One worker process converting a share of member units, one after another."""
+
+    def __init__(
+        self, share: list[Unit], opset: int, options: ConversionOptions, folder: Path, number: int
+    ) -> None:
+        self.share = share
+        self.jobs = [
+            {**_worker_job(unit, options), "opset": opset, "output": f"{folder}/{number}_{n}.onnx"}
+            for n, unit in enumerate(share)
+        ]
+        request = folder / f"jobs_{number}.json"
+        request.write_text(json.dumps(self.jobs))
         package_root = str(Path(__file__).resolve().parents[1])
         path = os.environ.get("PYTHONPATH")
         environment = {
@@ -393,22 +411,51 @@ def _in_worker(
             "PYTHONPATH": package_root + (os.pathsep + path if path else ""),
             "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3"),
         }
-        done = subprocess.run(
+        self.process = subprocess.Popen(
             [sys.executable, "-m", "fuser._convert_worker", str(request)],
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
             env=environment,
-            timeout=_WORKER_TIMEOUT_SECONDS,
         )
-        if done.returncode != 0:
-            lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
-            detail = lines[-1] if lines else f"exit status {done.returncode}"
-            (member,) = unit.members
+        self.peak: float | None = None
+
+    def wait(self) -> float:
+        """Wait for the worker; set each unit's model; its peak memory in MB."""
+        import onnx
+
+        if self.peak is not None:
+            return self.peak
+        try:
+            stdout, stderr = self.process.communicate(timeout=_WORKER_TIMEOUT_SECONDS)
+        except subprocess.TimeoutExpired:
+            self.kill()
             raise FuseError(
-                f"Converting {member.describe()} to ONNX in a worker process failed: {detail}"
+                f"Converting members to ONNX in a worker process took over "
+                f"{_WORKER_TIMEOUT_SECONDS} s; it was stopped."
+            ) from None
+        if self.process.returncode != 0:
+            lines = [line for line in stderr.strip().splitlines() if line.strip()]
+            detail = lines[-1] if lines else f"exit status {self.process.returncode}"
+            failed = self.share[0]
+            for unit in self.share:
+                prefix = f"member {unit.members[0].name}: "
+                if detail.startswith(prefix):
+                    failed, detail = unit, detail[len(prefix) :]
+            raise FuseError(
+                f"Converting {failed.members[0].describe()} to ONNX in a worker process "
+                f"failed: {detail}"
             )
-        report = json.loads(done.stdout.strip().splitlines()[-1])
-        return onnx.load(str(output)), float(report["peak_memory_mb"])
+        for job, unit in zip(self.jobs, self.share):
+            unit.model = onnx.load(job["output"])
+            unit.source = "worker"
+        self.peak = float(json.loads(stdout.strip().splitlines()[-1])["peak_memory_mb"])
+        return self.peak
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
 
 
 def _convert_here(unit: Unit, opset: int) -> Any:

@@ -270,7 +270,7 @@ class FusedOnnxStacked(FusedOnnx):
 
     name = "fused_onnx_stacked"
     description = (
-        "the fused .onnx artifact with same-architecture members stacked (--fusion stack), "
+        "the fused .onnx artifact with same-architecture members stacked (--fusion on), "
         "through runtime.load(...).predict(x)"
     )
 

@@ -50,7 +50,7 @@ def build_member_set(
     exported = time.perf_counter()
     keras_path = ensemble.save(directory / "fused.keras", force=True)
     keras_exported = time.perf_counter()
-    stacked_path = fuser.build(list(member_paths), fusion="stack").save(
+    stacked_path = fuser.build(list(member_paths), fusion="on").save(
         directory / "fused_stacked.onnx", force=True
     )
     build_info = ensemble.manifest["build"]

@@ -345,7 +345,7 @@ def tradeoff(members: dict[str, Any], data: dict[str, np.ndarray], params: dict)
     """Test accuracy against expected cost per row as the thresholds vary: calibrated on
     the validation split at each of ``TOLERANCES``, and one threshold for every stage;
     each member alone too. Costs are the stages' measured costs (the manifest's)."""
-    from fuser.cascade import evaluate, thresholds_for
+    from fuser.heads.thresholds import evaluate, thresholds_for
 
     names = list(members)
     stages = [[names.index(name) for name in stage["members"]] for stage in params["stages"]]

@@ -33,7 +33,7 @@ def build_artifacts(workdir: Path) -> dict[str, Path]:
 
     artifacts = {}
     mlps = write_members("mlp", 32, workdir / "mlp")
-    ensemble = fuser.build(mlps, fusion="stack")
+    ensemble = fuser.build(mlps, fusion="on")
     artifacts["32 MLPs (20-64-64-5), stacked"] = ensemble.save(workdir / "mlp32.onnx", force=True)
     wide = []
     for index in range(8):

@@ -139,9 +139,9 @@ def run(out: Path, workdir: Path) -> dict[str, Any]:
 
 
 def _external(artifact: Path) -> list[str]:
-    from runtime import integrity
+    from runtime import readers
 
-    return integrity.read_manifest("onnx", artifact, verify=False)["artifact"]["external_data"]
+    return readers.read_manifest("onnx", artifact, verify=False)["artifact"]["external_data"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -134,7 +134,7 @@ class MemberSet:
         fused_onnx_path, fused_keras_path: the fused ensemble of all N members, plain
             graph (``--fusion off``).
         fused_stacked_onnx_path: the same, same-architecture members stacked
-            (``--fusion stack``).
+            (``--fusion on``).
     """
 
     family: str

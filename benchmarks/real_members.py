@@ -93,8 +93,15 @@ def timed_build(
     command = [sys.executable, "-m", "fuser", "build", *map(str, paths), "--force"]
     command += [argument for output in outputs for argument in ("-o", str(output))] + extra
     started = time.perf_counter()
+    # Run from the cache's folder: ``python -m`` puts the working directory first on the
+    # path, where a checkout would shadow ``--fuser-source``.
     process = subprocess.Popen(
-        command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=environment
+        command,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env=environment,
+        cwd=cache.parent,
     )
     stderr = process.stderr.read()
     process.stderr.close()
@@ -105,7 +112,19 @@ def timed_build(
         raise SystemExit(f"fuser build failed ({process.returncode}):\n{stderr[-3000:]}")
     peak_mb = usage.ru_maxrss / 1024
     steps = {match["step"]: float(match["seconds"]) for match in _STEP.finditer(stderr)}
-    return {"seconds": round(seconds, 1), "peak_rss_mb": round(peak_mb), "steps": steps}
+    onnx = next((output for output in outputs if output.suffix == ".onnx"), None)
+    workers = 0.0
+    if onnx is not None:  # the conversion workers' own peak, as the manifest records it
+        import runtime
+
+        conversion = runtime.load(onnx).manifest.get("build", {}).get("onnx_conversion") or {}
+        workers = conversion.get("worker_peak_memory_mb", 0.0)
+    return {
+        "seconds": round(seconds, 1),
+        "peak_rss_mb": round(peak_mb),
+        "worker_peak_rss_mb": round(workers),
+        "steps": steps,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fuser-source", type=Path, help="run the fuser package in this folder")
     parser.add_argument("--label", default="this version")
     parser.add_argument("--rebuild", action="store_true", help="then rebuild, one member changed")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each (default 1)")
     arguments = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     architectures = arguments.architectures.split(",")
@@ -124,28 +144,32 @@ def main(argv: list[str] | None = None) -> int:
     paths = write_members(architectures, arguments.size, members)
     outputs = [arguments.workdir / "e.onnx", arguments.workdir / "e_savedmodel"]
     cache = arguments.workdir / "cache"
-    shutil.rmtree(cache, ignore_errors=True)  # the first build converts every member
     row: dict[str, Any] = {
         "label": arguments.label,
         "architectures": architectures,
         "size": arguments.size,
         "weights_mb": round(weights_bytes(paths) / 1e6, 1),
-        "first": timed_build(paths, outputs, arguments.fuser_source, ["--fusion", "off"], cache),
+        "first": [],
     }
-    print(f"{arguments.label}: first build {row['first']}", flush=True)
     if arguments.rebuild:
-        import keras
+        row["rebuild_one_changed"] = []
+    for _ in range(arguments.repeat):
+        shutil.rmtree(cache, ignore_errors=True)  # the first build converts every member
+        run = timed_build(paths, outputs, arguments.fuser_source, ["--fusion", "off"], cache)
+        row["first"].append(run)
+        print(f"{arguments.label}: first build {run}", flush=True)
+        if arguments.rebuild:
+            import keras
 
-        changed = paths[-1]
-        original = changed.read_bytes()
-        model = keras.models.load_model(changed)
-        perturb(model, 999)
-        model.save(changed)
-        row["rebuild_one_changed"] = timed_build(
-            paths, outputs, arguments.fuser_source, ["--fusion", "off"], cache
-        )
-        print(f"{arguments.label}: rebuild {row['rebuild_one_changed']}", flush=True)
-        changed.write_bytes(original)  # the members as they were, for the next run
+            changed = paths[-1]
+            original = changed.read_bytes()
+            model = keras.models.load_model(changed)
+            perturb(model, 999)
+            model.save(changed)
+            run = timed_build(paths, outputs, arguments.fuser_source, ["--fusion", "off"], cache)
+            row["rebuild_one_changed"].append(run)
+            print(f"{arguments.label}: rebuild {run}", flush=True)
+            changed.write_bytes(original)  # the members as they were, for the next run
     arguments.out.mkdir(parents=True, exist_ok=True)
     results_path = arguments.out / "real_members.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {"rows": []}
@@ -171,21 +195,30 @@ def report(results: dict[str, Any]) -> str:
         f"{machine['memory_gb']} GB, TensorFlow {describe_onednn(machine)}; load average at "
         f"start {machine['load_average_at_start']}.",
         "",
-        "| version | members | weights | build | peak memory | memory goal (2 GB + 4x weights) "
-        "| stages |",
+        "| version | members | weights | build: median (min to max) | peak memory: build "
+        "process, a conversion worker | memory goal (2 GB + 4x weights) | stages, median |",
         "| :--- | :--- | ---: | ---: | ---: | ---: | :--- |",
     ]
     for row in results["rows"]:
         for key, what in (("first", "first build"), ("rebuild_one_changed", "one member changed")):
-            if key not in row:
+            runs = row.get(key)
+            if not runs:
                 continue
-            run = row[key]
+            seconds = sorted(run["seconds"] for run in runs)
+            median = seconds[len(seconds) // 2]
+            peak = max(run["peak_rss_mb"] for run in runs)
+            worker = max(run.get("worker_peak_rss_mb", 0) for run in runs)
             goal = 2000 + 4 * row["weights_mb"]
-            steps = "; ".join(f"{step} {seconds:.1f} s" for step, seconds in run["steps"].items())
+            steps = "; ".join(
+                f"{step} {sorted(run['steps'].get(step, 0) for run in runs)[len(runs) // 2]:.1f} s"
+                for step in runs[0]["steps"]
+            )
             lines.append(
                 f"| {row['label']}, {what} | {', '.join(row['architectures'])} at "
-                f"{row['size']} px | {row['weights_mb']:.0f} MB | {run['seconds']:.0f} s | "
-                f"{run['peak_rss_mb']:,} MB | {goal:,.0f} MB | {steps} |"
+                f"{row['size']} px | {row['weights_mb']:.0f} MB | {median:.0f} s "
+                f"({seconds[0]:.0f} to {seconds[-1]:.0f} s, {len(runs)} runs) | {peak:,} MB, "
+                f"{f'{worker:,} MB' if worker else 'none'} | "
+                f"{goal:,.0f} MB | {steps} |"
             )
     return "\n".join(lines) + "\n"
 

@@ -286,7 +286,7 @@ def _claims(results: Results, family: str, size: int, fused: float | None) -> li
     stacked = _latency_ms(results, "fused_onnx_stacked", family, size)
     if strong and stacked is not None:
         sentences.append(
-            f"With horizontal fusion (`fused_onnx_stacked`, `--fusion stack`) the artifact "
+            f"With horizontal fusion (`fused_onnx_stacked`, `--fusion on`) the artifact "
             f"answers in {number(stacked)} ms, **{ratio(strong[best], stacked)} faster** than "
             f"`{best}`."
         )

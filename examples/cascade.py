@@ -203,7 +203,7 @@ def accuracy(probabilities: np.ndarray, labels: np.ndarray) -> float:
 def tradeoff(models: dict, data: dict, params: dict) -> list[dict]:
     """For each tolerance: the thresholds the build would choose on the validation split,
     scored on the test split with the stages' measured costs."""
-    from fuser.cascade import evaluate, thresholds_for
+    from fuser.heads.thresholds import evaluate, thresholds_for
 
     names = list(models)
     stages = [[names.index(name) for name in stage["members"]] for stage in params["stages"]]

@@ -42,6 +42,11 @@ class VerificationError(RuntimeError):
     """A fused model or an artifact disagrees with its members beyond tolerance."""
 
 
+class FuseWarning(UserWarning):
+    """The build went on, but something about it deserves a look (one member left after
+    selection, a learned head fitted on few rows...). The CLI prints it on stderr."""
+
+
 _LIBRARIES = (
     ("tensorflow", "TensorFlow"),
     ("keras", "Keras"),

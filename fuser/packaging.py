@@ -6,7 +6,7 @@ the manifest); ``fuser export tfserving ARTIFACT_DIR REPO`` writes
 ``REPO/<name>/<version>/`` as TF Serving's model server expects. The artifact is checked
 against its seal first and copied byte for byte, so the copy stays verifiable. Each model
 directory is assembled under a hidden temporary name and placed with one rename
-(``fuser.placement``): ``--force`` replaces only what fuser exported there before.
+(``fuser.formats.placement``): ``--force`` replaces only what fuser exported there before.
 
 A model name is one path component inside the repository, as Triton and TF Serving
 name models by their folder: letters, digits, ``_``, ``.`` and ``-``, not starting with
@@ -21,8 +21,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from fuser import placement
 from fuser.errors import FuseError
+from fuser.formats import placement
+from runtime import ArtifactError, readers
+from runtime.readers import artifact_format
 
 TRITON_DTYPES = {
     "bool": "TYPE_BOOL",
@@ -44,9 +46,6 @@ _MAX_VERSION = 2**63 - 1
 
 
 def _checked_manifest(artifact: Path, kind: str) -> dict[str, Any]:
-    from runtime import ArtifactError, integrity
-    from runtime.backends import artifact_format
-
     try:
         found = artifact_format(artifact)
         if found != kind:
@@ -55,7 +54,7 @@ def _checked_manifest(artifact: Path, kind: str) -> dict[str, Any]:
                 f"{artifact} is {labels[found]} artifact; this export takes "
                 f"{'an .onnx file' if kind == 'onnx' else 'a SavedModel directory'}."
             )
-        return integrity.read_manifest(kind, artifact)
+        return readers.read_manifest(kind, artifact)
     except ArtifactError as error:
         raise FuseError(str(error)) from None
 

@@ -26,10 +26,12 @@ class Reporter:
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
 
+        started = time.perf_counter()
+        if not self._console.is_terminal:  # piped: no live display, so say it starts
+            self.note(f"{description}...")
         columns = [SpinnerColumn(), TextColumn("{task.description}")]
         if total is not None:
             columns += [BarColumn(), MofNCompleteColumn()]
-        started = time.perf_counter()
         with Progress(*columns, console=self._console, transient=True) as progress:
             task = progress.add_task(description, total=total)
 

@@ -2,7 +2,7 @@
 
 Everything here works on the members' outputs on the validation data, computed once:
 ``values`` is ``(members, rows, ...)`` for one output. Selection never sees test data;
-the stacking head is fitted on the same validation data.
+the stacker (``--head stack``) is fitted on the same validation data.
 """
 
 from __future__ import annotations

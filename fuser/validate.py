@@ -1,6 +1,6 @@
 """Check that loaded members fit together and work out how to wire them.
 
-``check_members`` returns every problem (never raises); ``plan`` raises one
+``check_members`` returns every problem (never raises); ``wire`` raises one
 ``FuseError`` carrying them all, or returns the wiring the fuser follows.
 ``nonfinite_counts`` and ``nonfinite_problems`` check what the members give on the
 probe batch: NaN or inf there refuses the build unless it is allowed.
@@ -34,7 +34,7 @@ _INPUT_DTYPES = (
 
 
 @dataclasses.dataclass(frozen=True)
-class Plan:
+class Wiring:
     """How the fused model is wired.
 
     ``inputs``/``outputs`` are the fused signature (batch dimension ``None``).
@@ -52,13 +52,13 @@ class Plan:
 def check_members(members: Sequence[Member], *, input_name: str | None = None) -> list[str]:
     """Every reason these members cannot be fused, one sentence each, naming the member."""
     try:
-        plan(members, input_name=input_name)
+        wire(members, input_name=input_name)
     except FuseError as error:
         return error.problems
     return []
 
 
-def plan(members: Sequence[Member], *, input_name: str | None = None) -> Plan:
+def wire(members: Sequence[Member], *, input_name: str | None = None) -> Wiring:
     """Work out the fused signature and wiring.
 
     Raises:
@@ -82,7 +82,9 @@ def plan(members: Sequence[Member], *, input_name: str | None = None) -> Plan:
     outputs, output_order = _plan_outputs(members, problems)
     if problems:
         raise FuseError(problems)
-    return Plan(inputs=inputs, outputs=outputs, input_order=input_order, output_order=output_order)
+    return Wiring(
+        inputs=inputs, outputs=outputs, input_order=input_order, output_order=output_order
+    )
 
 
 def _plan_inputs(
@@ -205,7 +207,7 @@ def _merge(
 
 
 def nonfinite_counts(
-    members: Sequence[Member], wiring: Plan, probe_values: dict[str, np.ndarray]
+    members: Sequence[Member], wiring: Wiring, probe_values: dict[str, np.ndarray]
 ) -> dict[str, dict[str, dict[str, int]]]:
     """The NaN and inf each member gives on the probe batch.
 
@@ -232,7 +234,7 @@ def nonfinite_counts(
 
 
 def nonfinite_problems(
-    members: Sequence[Member], wiring: Plan, counts: dict[str, dict[str, dict[str, int]]]
+    members: Sequence[Member], wiring: Wiring, counts: dict[str, dict[str, dict[str, int]]]
 ) -> list[str]:
     """One sentence per member in ``counts`` (see ``nonfinite_counts``), naming its outputs."""
     problems = []

@@ -9,49 +9,25 @@ on the serving path of an ONNX artifact; TensorFlow is imported inside the other
 from __future__ import annotations
 
 import os
-import zipfile
-import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from runtime import integrity
 from runtime import manifest as manifest_lib
-from runtime._keras import native_grouped_convolutions
+from runtime import readers
+from runtime.convolutions import native_grouped_convolutions
 from runtime.custom_objects import explain_load_error, keyed_by_registered_name
 from runtime.errors import ArtifactError
+from runtime.quiet import import_tensorflow
+from runtime.readers import artifact_format
 
 
 class Backend(Protocol):
     manifest: dict[str, Any] | None
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
-
-
-def artifact_format(path: str | os.PathLike) -> str:
-    """The artifact kind of ``path`` by its form: ``onnx``, ``keras`` or ``savedmodel``.
-
-    Raises:
-        ArtifactError: the path does not exist or is none of the three kinds.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise ArtifactError(f"Artifact {path} does not exist.")
-    if path.is_dir():
-        if (path / "saved_model.pb").is_file():
-            return "savedmodel"
-        raise ArtifactError(
-            f"Artifact {path} is a directory without saved_model.pb, so it is not a SavedModel."
-        )
-    if path.suffix.lower() == ".onnx":
-        return "onnx"
-    if path.suffix.lower() == ".keras":
-        return "keras"
-    raise ArtifactError(
-        f"Artifact {path} is neither an .onnx file, a .keras file nor a SavedModel directory."
-    )
 
 
 def open_backend(
@@ -115,10 +91,7 @@ class OnnxBackend:
                     raise
         self.output_names = [output.name for output in self.session.get_outputs()]
         if read_manifest and self.manifest is None:
-            raise ArtifactError(
-                f"Artifact {path} is an ONNX model without a fuser manifest "
-                f"(metadata '{manifest_lib.ONNX_METADATA_KEY}'); build it with fuser."
-            )
+            raise readers.no_manifest("onnx", path)
 
     def _open(self, data: bytes, read_manifest: bool, verify: bool, threads: int | None) -> None:
         """Check ``data`` (the model file's bytes) against its seal and parse it."""
@@ -128,12 +101,7 @@ class OnnxBackend:
         # External data files lie beside the model itself, also when it is reached
         # through a symbolic link.
         directory = path.resolve().parent
-        text, pieces = integrity.split_onnx(data)
-        self.manifest = None
-        if read_manifest and text is not None:
-            self.manifest = manifest_lib.loads(text, str(path), kind="onnx")
-            if verify:
-                integrity.check_onnx(self.manifest, pieces, path)
+        self.manifest = readers.onnx_manifest(path, data, verify=verify) if read_manifest else None
         options = onnxruntime.SessionOptions()
         if threads is not None:
             options.intra_op_num_threads = threads
@@ -173,17 +141,11 @@ class SavedModelBackend:
         self.path = path
         self.manifest = None
         if read_manifest:
-            asset = path / manifest_lib.SAVEDMODEL_ASSET
-            if not asset.is_file():
-                raise ArtifactError(
-                    f"Artifact {path} is a SavedModel without a fuser manifest "
-                    f"({manifest_lib.SAVEDMODEL_ASSET}); build it with fuser."
-                )
-            self.manifest = manifest_lib.loads(asset.read_bytes(), str(asset), kind="savedmodel")
-            if verify:
-                integrity.check(self.manifest, integrity.savedmodel_content(path), str(path))
+            self.manifest = readers.savedmodel_manifest(path, verify=verify)
+            if self.manifest is None:
+                raise readers.no_manifest("savedmodel", path)
 
-        import tensorflow as tf
+        tf = import_tensorflow()
 
         self._tf = tf
         try:
@@ -235,31 +197,16 @@ class KerasBackend:
     ) -> None:
         self.path = path
         self.manifest = None
-        try:
-            with zipfile.ZipFile(path) as archive:
-                names = set(archive.namelist())
-                if read_manifest:
-                    if manifest_lib.KERAS_ZIP_ENTRY not in names:
-                        raise ArtifactError(
-                            f"Artifact {path} is a .keras file without a fuser manifest "
-                            f"({manifest_lib.KERAS_ZIP_ENTRY}); build it with fuser."
-                        )
-                    self.manifest = manifest_lib.loads(
-                        archive.read(manifest_lib.KERAS_ZIP_ENTRY), str(path), kind="keras"
-                    )
-                    if verify:
-                        content = integrity.keras_content(archive)
-                        integrity.check(self.manifest, content, str(path))
-        except (zipfile.BadZipFile, zlib.error, EOFError) as error:
-            raise ArtifactError(
-                f"Artifact {path} is not a valid .keras (zip) file: {_first_line(error)}"
-            ) from None
+        if read_manifest:
+            self.manifest = readers.keras_manifest(path, verify=verify)
+            if self.manifest is None:
+                raise readers.no_manifest("keras", path)
 
+        tf = import_tensorflow()  # before Keras imports it, loudly
         import keras
-        import tensorflow as tf
 
-        import runtime._cascade  # registers Cascade, the routing of --head cascade
-        import runtime._switch  # noqa: F401 - registers BatchSwitch, which fused models may hold
+        import runtime.cascade  # registers Cascade, the routing of --head cascade
+        import runtime.switch  # noqa: F401 - registers BatchSwitch, which fused models may hold
 
         try:
             self.model = keras.models.load_model(
@@ -275,7 +222,7 @@ class KerasBackend:
         self._function = tf.function(lambda feeds: model(feeds, training=False))
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        # Traced per input shape; stacked grouped convolutions as TensorFlow's own op.
+        # Traced per input shape; fused grouped convolutions as TensorFlow's own op.
         with native_grouped_convolutions():
             outputs = self._function(feeds)
         return {name: tensor.numpy() for name, tensor in outputs.items()}

@@ -51,7 +51,7 @@ class Scorer:
         verify: bool = True,
     ) -> None:
         import runtime
-        from runtime.backends import artifact_format
+        from runtime.readers import artifact_format
 
         kind = artifact_format(artifact)
         self.model = runtime.load(

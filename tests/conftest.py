@@ -12,7 +12,7 @@ import zipfile
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# Members converted to ONNX are cached (fuser.onnx_units): the suite keeps its own cache,
+# Members converted to ONNX are cached (fuser.conversion.cache): the suite keeps its own cache,
 # fresh each session, never the user's.
 if "FUSER_CACHE_DIR" not in os.environ:
     import tempfile

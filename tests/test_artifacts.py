@@ -16,7 +16,7 @@ from conftest import member_mean
 import fuser
 import runtime
 from fuser import FuseError, VerificationError
-from fuser.export import TEMPORARY_PREFIX
+from fuser.formats.placement import TEMPORARY_PREFIX
 
 
 @pytest.fixture(scope="module")

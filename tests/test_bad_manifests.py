@@ -20,9 +20,10 @@ from hypothesis import strategies as st
 
 import fuser
 import runtime
-from fuser.cli import describe_manifest, main
-from runtime import ManifestError, integrity
+from fuser.cli import main
+from runtime import ManifestError, readers
 from runtime import manifest as manifest_lib
+from runtime.describe import describe
 
 # Members a and b with the uncertainty outputs: four outputs, one input.
 PATHS = ["a.keras", "b.h5"]
@@ -54,7 +55,7 @@ def reseal_onnx(
     ``nested``: JSON text put where ``edit`` left the string ``_PLACEHOLDER`` (nesting too
     deep for ``json.dumps`` from a test's stack).
     """
-    text, (before, after) = integrity.split_onnx(source.read_bytes())
+    text, (before, after) = readers.split_onnx(source.read_bytes())
     manifest = json.loads(text)
     edit(manifest)
     manifest["integrity"].pop("manifest")
@@ -95,7 +96,7 @@ def _delete(path: str) -> Callable[[dict], None]:
 
 
 def _group(**changes: Any) -> Callable[[dict], None]:
-    """An edit adding a stacked group (as ``--fusion`` writes one) with ``changes``."""
+    """An edit adding a fused group (as ``--fusion`` writes one) with ``changes``."""
     group = {
         "members": ["a", "b"],
         "layers": [{"layer": "dense", "type": "Dense", "lowering": "grouped", "why": "-"}],
@@ -271,7 +272,7 @@ RESEALED = [
     ),
     pytest.param(
         _set("fusion.mode", "fast"),
-        r'fusion\.mode must be one of auto, off, stack, found "fast"',
+        r'fusion\.mode must be one of auto, on, off, stack, found "fast"',
         id="fusion-mode-unknown",
     ),
     pytest.param(
@@ -448,11 +449,12 @@ def test_the_resealing_helper_makes_an_artifact_that_loads(onnx_path, tmp_path, 
 
 
 def test_the_runtime_schema_lists_the_values_the_compiler_writes():
-    from fuser import heads, members, selection, stack
+    from fuser import heads, members, selection
+    from fuser.fusion import plan
 
     assert manifest_lib.MEMBER_FORMATS == members.FORMATS
     assert manifest_lib.TASKS == heads.TASKS
-    assert set(manifest_lib.FUSION_MODES) == set(stack.MODES)
+    assert set(manifest_lib.FUSION_MODES) == {*plan.MODES, *plan.ALIASES}
     assert manifest_lib.SELECTION_STRATEGIES == selection.STRATEGIES
 
 
@@ -473,9 +475,9 @@ JSON_VALUES = st.recursive(
 
 @pytest.fixture(scope="module")
 def rich_manifest(onnx_path) -> dict:
-    """The real manifest with every part `fuser inspect` prints: a stacked group behind a
+    """The real manifest with every part `fuser inspect` prints: a fused group behind a
     switch, validation with greedy selection, NaN counts."""
-    manifest = integrity.read_manifest("onnx", onnx_path)
+    manifest = readers.read_manifest("onnx", onnx_path)
     for edit in (
         _group(),
         _set("validation", VALIDATION),
@@ -525,7 +527,7 @@ def test_every_manifest_that_loads_can_be_inspected(rich_manifest, data):
         manifest_lib.check(manifest, "x", kind="onnx")
     except ManifestError:
         return
-    assert describe_manifest(manifest, "x").startswith("artifact   x (onnx")
+    assert describe(manifest, "x").startswith("artifact   x (onnx")
     assert len(manifest_lib.specs(manifest, "inputs")) == len(manifest["inputs"])
 
 

@@ -47,7 +47,7 @@ def workdir(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.stacking
+@pytest.mark.fusion
 def test_every_approach_agrees_with_the_reference_and_fused_onnx_starts_without_tensorflow(
     workdir, tmp_path
 ):
@@ -170,7 +170,7 @@ def test_inputs_are_the_same_for_every_call():
 
 
 @pytest.mark.slow
-@pytest.mark.stacking
+@pytest.mark.fusion
 def test_fusion_benchmark_compares_stacked_plain_auto_and_one_member(tmp_path):
     results = fusion.run(
         tmp_path / "out",
@@ -185,7 +185,7 @@ def test_fusion_benchmark_compares_stacked_plain_auto_and_one_member(tmp_path):
     # --fusion auto times both forms on this machine: either choice, with its figures.
     for family, size in ((mlp, 3), (cnn, 2)):
         assert family["auto_stacked_groups"] in ([size], [])
-        assert "stacked vs plain: batch 1: " in " ".join(family["auto_notes"])
+        assert "fused vs plain: batch 1: " in " ".join(family["auto_notes"])
     for family in (mlp, cnn):
         assert family["max_abs_difference_stacked_vs_plain"] <= 1e-5
         for row in family["rows"]:

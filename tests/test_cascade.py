@@ -23,9 +23,10 @@ from scipy.special import softmax
 import fuser
 import runtime
 from fuser import FuseError, VerificationError
-from fuser.cascade import Expectation, search_thresholds
 from fuser.cli import main
 from fuser.heads import CascadeHead
+from fuser.heads.calibration import Expectation
+from fuser.heads.thresholds import search_thresholds
 from runtime.backends import open_backend
 
 # Three cheap-to-costly members and a pair of the same architecture (stackable).
@@ -298,10 +299,10 @@ def test_stages_are_timed_on_this_machine_and_run_cheapest_first(members, fit):
     assert all(stage["cost_batch_1"] > 0 for stage in params["stages"])
 
 
-@pytest.mark.stacking
+@pytest.mark.fusion
 def test_a_stacked_group_is_one_stage(members, fit, tmp_path):
     ensemble = fuser.build(
-        list(members.values()), _cascade(exit_stage=True), fit_data=fit, fusion="stack"
+        list(members.values()), _cascade(exit_stage=True), fit_data=fit, fusion="on"
     )
     params = ensemble.manifest["head"]["params"]
     assert ["big_a", "big_b"] in [stage["members"] for stage in params["stages"]]
@@ -315,13 +316,13 @@ def test_a_stacked_group_is_one_stage(members, fit, tmp_path):
         _assert_routes_like_reference(results, expected, near, name)
 
 
-@pytest.mark.stacking
+@pytest.mark.fusion
 def test_cascade_order_that_splits_a_stacked_group_keeps_its_members_plain(
     members, fit, monkeypatch
 ):
-    from fuser import stack
+    from fuser.fusion import policy
 
-    monkeypatch.setattr(stack, "_auto_keeps_plain", lambda group: None)  # auto stacks
+    monkeypatch.setattr(policy, "keeps_plain", lambda group: None)  # auto fuses
     order = ["big_a", "small", "big_b", "mid"]
     ensemble = fuser.build(list(members.values()), _cascade(order=order), fit_data=fit)
     assert ensemble.manifest["fusion"]["groups"] == []
@@ -446,7 +447,7 @@ def _cnn(seed, *, grouped):
 
 
 @pytest.mark.slow
-@pytest.mark.stacking
+@pytest.mark.fusion
 def test_stages_of_grouped_convolutions_that_no_row_reaches_run_with_onednn_on_and_off(
     tmp_path,
 ):
@@ -464,7 +465,7 @@ def test_stages_of_grouped_convolutions_that_no_row_reaches_run_with_onednn_on_a
         tolerance=1.0,  # anything goes: every row leaves at stage 1
         exit_stage=True,
     )
-    ensemble = fuser.build(paths, head, fit_data={"x": x, "y": y}, fusion="stack")
+    ensemble = fuser.build(paths, head, fit_data={"x": x, "y": y}, fusion="on")
     assert ensemble.manifest["fusion"]["groups"], "the grouped CNNs should be stacked"
     np.save(tmp_path / "x.npy", x[:5])
     for name in ("cnn_savedmodel", "cnn.keras", "cnn.onnx"):
@@ -610,11 +611,11 @@ REFUSALS = [
     ({"weights": [1, 2]}, r"--weights gives 2 weights for 4 members"),
     (
         {"members": ["big_a", "big_b"], "fusion": "stack"},
-        r"--fusion stack runs every member \(big_a, big_b\) as one stacked computation, which leaves the cascade a single stage",
+        r"--fusion on runs every member \(big_a, big_b\) as one fused computation, which leaves the cascade a single stage",
     ),
     (
         {"cascade_order": ["big_a", "small", "big_b", "mid"], "fusion": "stack"},
-        r"--cascade-order puts big_a, big_b in different stages, but --fusion stack",
+        r"--cascade-order puts big_a, big_b in different stages, but --fusion on",
     ),
 ]
 

@@ -290,7 +290,8 @@ def test_keras_output_for_savedmodel_members_is_refused_before_anything_loads(
         raise AssertionError("members were loaded before the output format was checked")
 
     monkeypatch.setattr(fuser.members, "load_members", must_not_load)
-    monkeypatch.setattr("fuser.ensemble.load_members", must_not_load)
+    # The module, not the function ``fuser.build`` that shadows its name on the package.
+    monkeypatch.setattr(sys.modules["fuser.build"], "load_members", must_not_load)
     argv = ["build", str(members_dir / "a.keras"), str(members_dir / "d_tfsave")]
     assert main([*argv, "-o", str(tmp_path / "x.keras"), "-q"]) == 2
 

@@ -1,7 +1,7 @@
 """ONNX artifacts over 2 GB: weights in an external data file, sealed, loaded, refused when missing.
 
 CI cannot write 2 GB, so these tests lower the threshold: every build here lifts its
-weights out as if they were over the limit. `fuser.export.EXTERNAL_DATA_BYTES` is what
+weights out as if they were over the limit. `fuser.formats.onnx.EXTERNAL_DATA_BYTES` is what
 decides it (1.5 GB by default).
 """
 
@@ -13,19 +13,20 @@ from conftest import member_mean
 
 import fuser
 import runtime
-from fuser import export
+from fuser.formats import onnx as onnx_format
+from fuser.formats import writer as write_lib
 from fuser.packaging import export_triton
 from runtime import IntegrityError
 
-# Builds stacked groups: CI runs these with oneDNN on and off.
-pytestmark = pytest.mark.stacking
+# Builds fused groups: CI runs these with oneDNN on and off.
+pytestmark = pytest.mark.fusion
 
 PATHS = ["a.keras", "b.h5", "c_export"]
 
 
 @pytest.fixture
 def external(monkeypatch):
-    monkeypatch.setattr(export, "EXTERNAL_DATA_BYTES", 0)
+    monkeypatch.setattr(onnx_format, "EXTERNAL_DATA_BYTES", 0)
 
 
 def _data_files(directory):
@@ -54,7 +55,7 @@ def test_weights_go_to_one_sealed_data_file_and_load_transparently(
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["big.onnx", data])
 
 
-def test_stacked_convolutions_with_external_weights_match_the_inline_artifact(
+def test_fused_convolutions_with_external_weights_match_the_inline_artifact(
     monkeypatch, members_dir, tmp_path
 ):
     import keras
@@ -68,9 +69,9 @@ def test_stacked_convolutions_with_external_weights_match_the_inline_artifact(
         return keras.Model(inputs, keras.layers.Dense(4, activation="softmax")(hidden))
 
     members = [(f"m{seed}", cnn(seed)) for seed in range(3)]
-    inline = runtime.load(fuser.build(members, fusion="stack").save(tmp_path / "inline.onnx"))
-    monkeypatch.setattr(export, "EXTERNAL_DATA_BYTES", 0)
-    path = fuser.build(members, fusion="stack").save(tmp_path / "lifted.onnx")
+    inline = runtime.load(fuser.build(members, fusion="on").save(tmp_path / "inline.onnx"))
+    monkeypatch.setattr(onnx_format, "EXTERNAL_DATA_BYTES", 0)
+    path = fuser.build(members, fusion="on").save(tmp_path / "lifted.onnx")
     lifted = runtime.load(path)
     assert "external_data" in lifted.manifest["artifact"]
     # Kernels are stored in ONNX's layout: no Transpose of a weight at every request
@@ -122,7 +123,7 @@ def test_a_failed_build_leaves_no_data_file(external, members_dir, tmp_path, mon
     if stage == "verification":  # the artifact disagrees with the members
         monkeypatch.setattr(type(ensemble), "verify", fail)
     else:
-        monkeypatch.setattr(export, "_check_seal", fail)
+        monkeypatch.setattr(write_lib, "_check_seal", fail)
     with pytest.raises(fuser.VerificationError):
         ensemble.save(tmp_path / "e.onnx")
     assert list(tmp_path.iterdir()) == []
@@ -178,9 +179,9 @@ def test_large_weights_convert_as_inputs_and_stay_in_one_file(
 ):
     # Above WEIGHTS_AS_INPUTS_BYTES (and under EXTERNAL_DATA_BYTES) the weights skip the
     # frozen graph but are still stored inside the one .onnx file.
-    monkeypatch.setattr(export, "WEIGHTS_AS_INPUTS_BYTES", 0)
+    monkeypatch.setattr(onnx_format, "WEIGHTS_AS_INPUTS_BYTES", 0)
     members = [members_dir / name for name in PATHS]
-    path = fuser.build(members, fusion="stack").save(tmp_path / "one.onnx")
+    path = fuser.build(members, fusion="on").save(tmp_path / "one.onnx")
     assert [p.name for p in tmp_path.iterdir()] == ["one.onnx"]
     model = runtime.load(path)
     assert "external_data" not in model.manifest["artifact"]
@@ -193,10 +194,10 @@ def test_an_edited_list_of_data_files_is_refused_before_any_is_read(
 ):
     path = fuser.build([members_dir / "a.keras"]).save(tmp_path / "e.onnx")
     (tmp_path / "secret").write_text("not a weight")
-    from runtime import integrity
+    from runtime import integrity, readers
     from runtime import manifest as manifest_lib
 
-    manifest = integrity.read_manifest("onnx", path)
+    manifest = readers.read_manifest("onnx", path)
     manifest["artifact"]["external_data"].append("secret")
     import onnx
 

@@ -16,8 +16,8 @@ import runtime
 from fuser import FuseError
 from fuser.cli import main
 
-# Builds stacked groups: CI runs these with oneDNN on and off.
-pytestmark = pytest.mark.stacking
+# Builds fused groups: CI runs these with oneDNN on and off.
+pytestmark = pytest.mark.fusion
 
 CLASSIFIERS = ["a.keras", "b.h5", "c_export", "d_tfsave"]
 

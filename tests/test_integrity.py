@@ -12,7 +12,7 @@ from conftest import member_mean
 import fuser
 import runtime
 from fuser.cli import main
-from runtime import ArtifactError, IntegrityError, ManifestError, integrity
+from runtime import ArtifactError, IntegrityError, ManifestError, integrity, readers
 from runtime import manifest as manifest_lib
 
 PATHS = ["a.keras", "b.h5"]
@@ -57,13 +57,13 @@ def test_every_artifact_is_sealed_and_loads_verified(artifacts, members_dir, fea
 
 def test_onnx_seal_covers_every_byte_but_the_seal_itself(artifacts):
     data = artifacts["onnx"].read_bytes()
-    text, pieces = integrity.split_onnx(data)
+    text, pieces = readers.split_onnx(data)
     manifest = json.loads(text)
-    assert integrity.onnx_content(pieces) == manifest["integrity"]["content"]
+    assert readers.onnx_content(pieces) == manifest["integrity"]["content"]
     payload = b"".join(bytes(piece) for piece in pieces)
     assert len(data) - len(payload) > len(text)  # the whole metadata entry is cut out
     assert data.startswith(payload[:100])
-    text_again, whole = integrity.split_onnx(payload)
+    text_again, whole = readers.split_onnx(payload)
     assert text_again is None and bytes(whole[0]) == payload
 
 
@@ -73,7 +73,7 @@ def test_a_flipped_byte_anywhere_in_an_onnx_artifact_is_refused(artifacts, tmp_p
     from onnx import numpy_helper
 
     data = artifacts["onnx"].read_bytes()
-    text, _ = integrity.split_onnx(data)
+    text, _ = readers.split_onnx(data)
     weights = max(
         onnx.load(str(artifacts["onnx"])).graph.initializer,
         key=lambda tensor: numpy_helper.to_array(tensor).size,

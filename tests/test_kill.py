@@ -20,7 +20,7 @@ import time
 import pytest
 
 import runtime
-from fuser.export import TEMPORARY_PREFIX
+from fuser.formats.placement import TEMPORARY_PREFIX
 
 DELAYS = (0.02, 0.1, 0.2)
 

@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fuser import FuseError, members
+from fuser import FuseError
 from fuser.members import MemberSpec, detect_format, load_members, parse_byte_size, parse_specs
+from fuser.members import limits as limits_lib
 
 GIB, MIB = 2**30, 2**20
 RAISE = r"; if you trust the file, raise the limit with --max-member-bytes \(max_member_bytes=\)\.$"
@@ -138,7 +139,7 @@ def test_the_default_limit_refuses_a_central_directory_claiming_6_gib(
 def test_too_many_zip_entries_are_refused_before_zipfile_reads_them(
     members_dir, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(members, "MAX_ZIP_ENTRIES", 10)
+    monkeypatch.setattr(limits_lib, "MAX_ZIP_ENTRIES", 10)
     many = _rezip(
         members_dir / "a.keras", tmp_path / "many.keras", {}, {f"assets/{i}": b"" for i in range(8)}
     )
@@ -253,14 +254,14 @@ def test_savedmodel_variables_are_checked_from_the_checkpoint_index(members_dir)
     import tensorflow as tf
 
     path = members_dir / "c_export"
-    limits = members.Limits(total=1000, config=100, graph=250, given=True)
+    limits = limits_lib.Limits(total=1000, config=100, graph=250, given=True)
     with pytest.raises(
         FuseError,
         match=r"the \d+ variables in the checkpoint of \S*c_export \(the largest '.+', [\d.]+ KiB\) "
         r"would expand to [\d.]+ KiB in memory, over the limit of 1000 bytes for a member",
     ):
-        members._check_savedmodel_variables(_spec(path), path, limits, tf)
-    members._check_savedmodel_variables(_spec(path), path, members.Limits.of(path, None), tf)
+        limits_lib.check_savedmodel_variables(_spec(path), path, limits, tf)
+    limits_lib.check_savedmodel_variables(_spec(path), path, limits_lib.Limits.of(path, None), tf)
 
 
 @pytest.mark.parametrize("name", ["a.keras", "b.h5", "c_export", "d_tfsave", "multi_c_export"])

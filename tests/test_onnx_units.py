@@ -15,9 +15,10 @@ from conftest import N_FEATURES, member_mean, mlp, reference_outputs, two_in_two
 
 import fuser
 import runtime
-from fuser import onnx_units
+from fuser.conversion import units as onnx_units
+from fuser.conversion import workers
 
-pytestmark = pytest.mark.stacking
+pytestmark = pytest.mark.fusion
 
 
 @pytest.fixture
@@ -52,13 +53,13 @@ def _members(tmp_path, names_and_models) -> list:
 def test_units_answer_like_the_whole_model_converted_at_once(
     tmp_path, cache, features, monkeypatch
 ):
-    # A plain member first, then a stacked group of two, then another plain one: the
+    # A plain member first, then a fused group of two, then another plain one: the
     # group's members come out of member order and are put back.
     paths = _members(
         tmp_path,
         [("w1", _wide(1)), ("a", mlp(1)), ("w2", _wide(2, width=8)), ("b", mlp(2))],
     )
-    ensemble = fuser.build(paths, fusion="stack", uncertainty=True)
+    ensemble = fuser.build(paths, fusion="on", uncertainty=True)
     assert [len(group.members) for group in ensemble.fusion.groups] == [2]
     by_units = ensemble.save(tmp_path / "units.onnx")
     conversion = _conversion(by_units)
@@ -127,7 +128,7 @@ def test_a_damaged_or_wrong_cached_unit_is_converted_again(tmp_path, cache, feat
 
 
 def test_large_members_are_converted_in_worker_processes(tmp_path, cache, features, monkeypatch):
-    monkeypatch.setattr(onnx_units, "WORKER_MIN_BYTES", 0)
+    monkeypatch.setattr(workers, "WORKER_MIN_BYTES", 0)
     paths = _members(tmp_path, [("w1", _wide(1)), ("w2", _wide(2, width=8))])
     in_memory = ("memory", _wide(3, width=4))
     ensemble = fuser.build([*map(str, paths), in_memory], jobs=2)
@@ -145,7 +146,7 @@ def test_large_members_are_converted_in_worker_processes(tmp_path, cache, featur
 
 
 def test_a_worker_that_fails_is_one_sentence_naming_the_member(tmp_path, cache, monkeypatch):
-    monkeypatch.setattr(onnx_units, "WORKER_MIN_BYTES", 0)
+    monkeypatch.setattr(workers, "WORKER_MIN_BYTES", 0)
     paths = _members(tmp_path, [("w1", _wide(1)), ("w2", _wide(2, width=8))])
     ensemble = fuser.build(paths)
     paths[1].write_bytes(b"replaced by something that is not a model")
@@ -177,7 +178,7 @@ def test_the_cache_keeps_the_most_recently_used_within_its_size(tmp_path, cache,
 
 
 def test_switched_groups_are_converted_whole(tmp_path, cache, monkeypatch):
-    from fuser import costs
+    from fuser.fusion import costs
 
     paths = _members(tmp_path, [("a", mlp(1)), ("b", mlp(2))])
     measured = costs.Measurement([1, 256, 4096], [1.0, 1.0, 1.0], [0.5, 2.0, 2.0])
@@ -185,7 +186,7 @@ def test_switched_groups_are_converted_whole(tmp_path, cache, monkeypatch):
     monkeypatch.setattr(
         costs,
         "measure_switch",
-        lambda group, timed: costs.SwitchTiming(timed.stacked_limit, [1.0] * 3, [0.5, 1.0, 1.0]),
+        lambda group, timed: costs.SwitchTiming(timed.fused_limit, [1.0] * 3, [0.5, 1.0, 1.0]),
     )
     ensemble = fuser.build(paths)
     assert ensemble.switch_batch == 1

@@ -20,8 +20,9 @@ from test_cli import run_cli
 
 import fuser
 import runtime
-from fuser import FuseError, placement
+from fuser import FuseError
 from fuser.cli import main
+from fuser.formats import placement
 from fuser.packaging import export_tfserving, export_triton
 
 FUSER = (sys.executable, "-m", "fuser")
@@ -138,16 +139,16 @@ def test_a_destination_that_appears_during_the_build_is_never_replaced(
     ensemble, tmp_path, monkeypatch
 ):
     """Two builds to one output without --force: the one that places second says why."""
-    from fuser import export
+    from fuser.formats import writer as write_lib
 
     target = tmp_path / "same.onnx"
-    check_seal = export._check_seal
+    check_seal = write_lib._check_seal
 
     def another_build_finishes_first(kind, temporary, path):
         check_seal(kind, temporary, path)
         path.write_bytes(b"the other build's artifact")
 
-    monkeypatch.setattr(export, "_check_seal", another_build_finishes_first)
+    monkeypatch.setattr(write_lib, "_check_seal", another_build_finishes_first)
     with pytest.raises(
         placement.DestinationTaken,
         match=r"same\.onnx appeared while this build was writing it .* left as it is",
@@ -203,6 +204,7 @@ def test_an_unwritable_output_is_refused_before_any_member_loads(
         raise AssertionError("members were loaded before the output was checked")
 
     monkeypatch.setattr(fuser.members, "load_members", never)
+    monkeypatch.setattr(sys.modules["fuser.build"], "load_members", never)
     output = make(tmp_path)
     assert main(["build", str(members_dir / "a.keras"), "-o", str(output)]) == 2
     error = capsys.readouterr().err

@@ -10,6 +10,7 @@ whatever the CPU of the machine running the suite.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -21,11 +22,12 @@ from conftest import N_CLASSES, member_mean, mlp
 
 import fuser
 import runtime
-from fuser import stack as stack_lib
 from fuser.cli import main
 from fuser.errors import StageError
+from fuser.fusion import lowerings, policy
+from fuser.fusion.layouts import Value
 
-pytestmark = pytest.mark.stacking
+pytestmark = pytest.mark.fusion
 
 IMAGE = (12, 12, 3)
 
@@ -97,11 +99,11 @@ def _run_savedmodel(directory: Path, name: str, x: np.ndarray, onednn: str, tmp:
 
 
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
-def test_stacked_savedmodel_answers_in_saved_model_cli_with_onednn_on_and_off(
+def test_fused_savedmodel_answers_in_saved_model_cli_with_onednn_on_and_off(
     kind, portable_members, tmp_path
 ):
     paths = portable_members[kind]
-    ensemble = fuser.build(paths, fusion="stack")
+    ensemble = fuser.build(paths, fusion="on")
     assert len(ensemble.fusion.groups) == 1
     saved = ensemble.save(tmp_path / "stacked_savedmodel")
     x = _inputs(kind)
@@ -159,7 +161,7 @@ def test_tensorflow_graphs_keep_grouped_convolutions_apart_from_their_bias(
     the kernel that lacks groups); the ONNX graph keeps the bare grouped Conv."""
     import onnx
 
-    ensemble = fuser.build(portable_members["cnn"], fusion="stack")
+    ensemble = fuser.build(portable_members["cnn"], fusion="on")
     graph = ensemble.serving_function().get_concrete_function().graph
     grouped = [
         operation
@@ -185,16 +187,16 @@ def test_tensorflow_graphs_keep_grouped_convolutions_apart_from_their_bias(
 
 @pytest.fixture
 def stacked_form_broken(monkeypatch):
-    """Stacked Dense layers compute twice their kernel: the stacked form disagrees with
+    """Fused Dense layers compute twice their kernel: the stacked form disagrees with
     the members wherever it runs; --fusion auto is made to stack without timing."""
-    lower_dense = stack_lib._Lowering.lower_Dense
+    dense = lowerings.LAYERS["Dense"]
 
-    def doubled(self, layers, arguments):
-        value = lower_dense(self, layers, arguments)
-        return stack_lib.Value(value.tensor * 2.0, value.layout, value.shape)
+    def doubled(context, layers, arguments):
+        value = dense.lower(context, layers, arguments)
+        return Value(value.tensor * 2.0, value.layout, value.shape)
 
-    monkeypatch.setattr(stack_lib._Lowering, "lower_Dense", doubled)
-    monkeypatch.setattr(stack_lib, "_auto_keeps_plain", lambda group: None)
+    monkeypatch.setitem(lowerings.LAYERS, "Dense", dataclasses.replace(dense, lower=doubled))
+    monkeypatch.setattr(policy, "keeps_plain", lambda group: None)
 
 
 @pytest.fixture
@@ -208,14 +210,14 @@ def stacked_form_fails_in_tensorflow(monkeypatch):
         def call(self, inputs):
             return tf.debugging.check_numerics(inputs * np.inf, "no kernel here")
 
-    lower_dense = stack_lib._Lowering.lower_Dense
+    dense = lowerings.LAYERS["Dense"]
 
-    def failing(self, layers, arguments):
-        value = lower_dense(self, layers, arguments)
-        return stack_lib.Value(Fails()(value.tensor), value.layout, value.shape)
+    def failing(context, layers, arguments):
+        value = dense.lower(context, layers, arguments)
+        return Value(Fails()(value.tensor), value.layout, value.shape)
 
-    monkeypatch.setattr(stack_lib._Lowering, "lower_Dense", failing)
-    monkeypatch.setattr(stack_lib, "_auto_keeps_plain", lambda group: None)
+    monkeypatch.setitem(lowerings.LAYERS, "Dense", dataclasses.replace(dense, lower=failing))
+    monkeypatch.setattr(policy, "keeps_plain", lambda group: None)
 
 
 @pytest.mark.parametrize("broken", ["stacked_form_broken", "stacked_form_fails_in_tensorflow"])
@@ -227,7 +229,7 @@ def test_auto_keeps_a_group_plain_when_its_stacked_form_fails_in_tensorflow(
     ensemble = fuser.build(paths)  # --fusion auto
     assert ensemble.fusion.groups == []
     reason = ensemble.fusion.plain["mlp0"]
-    assert "its stacked form" in reason and "so it stays plain" in reason
+    assert "its fused form" in reason and "so it stays plain" in reason
     expected = "differs from the members" if broken == "stacked_form_broken" else "fails in"
     assert expected in reason
     model = runtime.load(ensemble.save(tmp_path / "e.onnx"))
@@ -238,10 +240,10 @@ def test_auto_keeps_a_group_plain_when_its_stacked_form_fails_in_tensorflow(
 @pytest.mark.parametrize(
     ("broken", "message"),
     [
-        ("stacked_form_broken", r"The stacked form of the group mlp0, mlp1, mlp2 differs"),
+        ("stacked_form_broken", r"The fused form of the group mlp0, mlp1, mlp2 differs"),
         (
             "stacked_form_fails_in_tensorflow",
-            r"The stacked form of the group mlp0, mlp1, mlp2 fails in TensorFlow "
+            r"The fused form of the group mlp0, mlp1, mlp2 fails in TensorFlow "
             r"\(no kernel here",
         ),
     ],
@@ -251,7 +253,7 @@ def test_fusion_stack_fails_in_one_sentence_naming_the_group(
 ):
     request.getfixturevalue(broken)
     with pytest.raises(fuser.VerificationError, match=message) as raised:
-        fuser.build(portable_members["mlp"], fusion="stack")
+        fuser.build(portable_members["mlp"], fusion="on")
     assert "--fusion off" in str(raised.value)
     assert raised.value.__cause__ is not None
 
@@ -261,12 +263,13 @@ def test_a_failure_inside_a_library_is_one_sentence_naming_the_stage(
 ):
     import tensorflow as tf
 
-    from fuser import export
+    from fuser.conversion import convert
 
     def converter_fails(*arguments, **options):
         tf.debugging.check_numerics(tf.constant([np.inf]), "the converter broke")
 
-    monkeypatch.setattr(export, "_convert_to_onnx", converter_fails)
+    # tf2onnx's step, whether the model is converted whole or by units
+    monkeypatch.setattr(convert, "_convert", converter_fails)
     ensemble = fuser.build(portable_members["mlp"], fusion="off")
     with pytest.raises(
         fuser.FuseError,

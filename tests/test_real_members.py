@@ -15,9 +15,9 @@ from conftest import reference_outputs
 import fuser
 import runtime
 from fuser import FuseError
-from fuser.onnx_convert import check_operations
+from fuser.conversion.convert import check_operations
 
-pytestmark = pytest.mark.stacking
+pytestmark = pytest.mark.fusion
 
 TOKENS, VOCABULARY, CLASSES = 12, 50, 3
 
@@ -135,12 +135,12 @@ def test_a_lookup_table_is_refused_for_onnx_naming_the_member_and_kept_elsewhere
 ):
     """tf2onnx converts only string<->int64 tables; an IntegerLookup is int64->int64. The
     SavedModel writer falls back to Keras' ExportArchive, which tracks the table."""
-    from fuser import export
+    from fuser.formats import savedmodel
 
     fallbacks = []
-    original = export._write_savedmodel_with_keras
+    original = savedmodel._write_savedmodel_with_keras
     monkeypatch.setattr(
-        export,
+        savedmodel,
         "_write_savedmodel_with_keras",
         lambda *arguments: fallbacks.append(1) or original(*arguments),
     )
@@ -199,13 +199,13 @@ def test_an_operation_onnx_lacks_is_named_with_its_member():
     node = helper.make_node(
         "TensorListReserve", ["x"], ["y"], name="fused_1/member_reviews_2_1/lstm/x"
     )
-    other = helper.make_node("Bucketize", ["x"], ["z"], name="stack0_dense/Bucketize")
+    other = helper.make_node("Bucketize", ["x"], ["z"], name="fused0_dense/Bucketize")
     graph = helper.make_graph([node, other], "g", [], [])
     with pytest.raises(FuseError) as raised:
         check_operations(helper.make_model(graph), ["reviews", "reviews_2"])
     problems = raised.value.problems
     assert problems == [
-        "The TensorFlow operation Bucketize (in stacked group stack0) has no ONNX equivalent "
+        "The TensorFlow operation Bucketize (in fused group fused0) has no ONNX equivalent "
         "that tf2onnx can convert; write a SavedModel or .keras artifact instead, or replace "
         "that layer in the member.",
         'The TensorFlow operation TensorListReserve (in member "reviews_2") has no ONNX '

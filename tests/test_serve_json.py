@@ -13,7 +13,7 @@ import pytest
 
 from runtime import _http_json
 from runtime.manifest import TensorSpec
-from runtime.server import format_outputs
+from runtime.tfserving_api import format_outputs
 
 
 @pytest.fixture(autouse=True)

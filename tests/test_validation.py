@@ -11,7 +11,7 @@ from conftest import CUSTOM_LAYER_MODULE
 import fuser
 import runtime
 from fuser import FuseError
-from fuser.cli import describe_manifest
+from runtime.describe import describe
 
 # (members, options, pattern the FuseError must match)
 BAD_BUILDS = [
@@ -254,7 +254,7 @@ def test_nonfinite_member_is_refused_alone_before_fusing(members_dir, monkeypatc
     def must_not_fuse(*args, **kwargs):
         raise AssertionError("the members were fused before the probe batch was checked")
 
-    monkeypatch.setattr("fuser.ensemble.assemble", must_not_fuse)
+    monkeypatch.setattr(sys.modules["fuser.build"], "assemble", must_not_fuse)
     with pytest.raises(FuseError) as caught:
         fuser.build([members_dir / "a.keras", members_dir / "overflow.keras"])
     (problem,) = caught.value.problems
@@ -293,7 +293,7 @@ def test_allow_nonfinite_with_fit_data_records_non_finite_scores_as_null(
     model = runtime.load(ensemble.save(tmp_path / "nonfinite_scored.onnx"))
     record = model.manifest["validation"]["outputs"]["prediction"]
     assert record["members"] == {"overflow": None} and record["ensemble"] is None
-    assert "ensemble non-finite; members overflow non-finite" in describe_manifest(
+    assert "ensemble non-finite; members overflow non-finite" in describe(
         model.manifest, "nonfinite_scored.onnx"
     )
 

@@ -27,8 +27,11 @@ class Reporter:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
 
         started = time.perf_counter()
-        if not self._console.is_terminal:  # piped: no live display, so say it starts
+        if not self._console.is_terminal:  # piped: no live display, a line as it starts
             self.note(f"{description}...")
+            yield lambda label: None
+            self.note(f"{description}: done in {time.perf_counter() - started:.2f} s.")
+            return
         columns = [SpinnerColumn(), TextColumn("{task.description}")]
         if total is not None:
             columns += [BarColumn(), MofNCompleteColumn()]

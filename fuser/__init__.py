@@ -9,15 +9,21 @@ Importing fuser is cheap: TensorFlow is imported when a build starts.
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from fuser.errors import FuseError, FuseWarning, StageError, VerificationError
 
 __version__ = "0.1.0"
 
-# Below __version__: the modules read it.
-from fuser.build import build
-from fuser.ensemble import Ensemble
-from fuser.errors import FuseError, FuseWarning, StageError, VerificationError
-from fuser.options import BuildOptions
+if TYPE_CHECKING:
+    from fuser.builder import build
+    from fuser.ensemble import Ensemble
+    from fuser.options import BuildOptions
+
+# Imported on first use (PEP 562), so that ``fuser inspect`` and ``fuser --help``, which
+# import this package, load none of the build's modules.
+_LAZY = {"build": "fuser.builder", "Ensemble": "fuser.ensemble", "BuildOptions": "fuser.options"}
 
 __all__ = [
     "BuildOptions",
@@ -38,3 +44,11 @@ def import_tensorflow() -> Any:
     from runtime.quiet import import_tensorflow as quietly
 
     return quietly()
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'fuser' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value

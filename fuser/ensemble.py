@@ -18,7 +18,7 @@ import numpy as np
 
 from fuser import __version__
 from fuser.conversion.units import ConversionOptions
-from fuser.formats import Output, output, write
+from fuser.formats.writer import Output, output, write
 from fuser.fusion.plan import FusionPlan
 from fuser.heads import Head
 from fuser.members import Member

@@ -39,6 +39,26 @@ def test_help_does_not_import_tensorflow():
     assert "HEAVY []" in completed.stdout
 
 
+def test_inspect_loads_no_build_code(members_dir, tmp_path):
+    """``fuser inspect`` reads the manifest with the runtime alone: none of the build's
+    modules, no TensorFlow, Keras or ONNX are imported."""
+    artifact = tmp_path / "e.onnx"
+    assert main(["build", str(members_dir / "a.keras"), "-o", str(artifact), "-q"]) == 0
+    code = (
+        "import sys\nfrom fuser.cli import main\n"
+        f"assert main(['inspect', {str(artifact)!r}]) == 0\n"
+        "print('LOADED', sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('fuser', 'tensorflow', 'keras', 'onnx', 'onnxruntime', 'tf2onnx')))"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert completed.returncode == 0, completed.stderr
+    loaded = completed.stdout.split("LOADED ", 1)[1].strip()
+    expected = ["fuser", "fuser.cli", "fuser.cli.inspect", "fuser.cli.parser", "fuser.cli.status"]
+    assert loaded == str([*expected, "fuser.errors", "fuser.sizes"])
+
+
 def test_console_script_and_module_both_answer():
     completed = run_cli("--help")
     assert (
@@ -290,8 +310,7 @@ def test_keras_output_for_savedmodel_members_is_refused_before_anything_loads(
         raise AssertionError("members were loaded before the output format was checked")
 
     monkeypatch.setattr(fuser.members, "load_members", must_not_load)
-    # The module, not the function ``fuser.build`` that shadows its name on the package.
-    monkeypatch.setattr(sys.modules["fuser.build"], "load_members", must_not_load)
+    monkeypatch.setattr(sys.modules["fuser.builder"], "load_members", must_not_load)
     argv = ["build", str(members_dir / "a.keras"), str(members_dir / "d_tfsave")]
     assert main([*argv, "-o", str(tmp_path / "x.keras"), "-q"]) == 2
 

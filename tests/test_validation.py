@@ -254,7 +254,7 @@ def test_nonfinite_member_is_refused_alone_before_fusing(members_dir, monkeypatc
     def must_not_fuse(*args, **kwargs):
         raise AssertionError("the members were fused before the probe batch was checked")
 
-    monkeypatch.setattr(sys.modules["fuser.build"], "assemble", must_not_fuse)
+    monkeypatch.setattr(sys.modules["fuser.builder"], "assemble", must_not_fuse)
     with pytest.raises(FuseError) as caught:
         fuser.build([members_dir / "a.keras", members_dir / "overflow.keras"])
     (problem,) = caught.value.problems

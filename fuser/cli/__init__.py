@@ -1,7 +1,9 @@
 """The ``fuser`` command: a thin argparse layer over ``fuser.build`` and ``runtime.load``.
 
-``parser`` declares the commands and their options, ``commands`` runs each; here, the
-one way every command ends: exit status 0 ok, 1 the work failed, 2 bad usage or bad
+``parser`` declares the commands and their options and names, for each, the function that
+runs it (``module:function``: ``commands`` for most, ``inspect`` for ``fuser inspect``); the
+module is imported when its command runs, as pip does with its commands, so ``fuser
+inspect`` and ``--help`` load no build code. Here, the one way every command ends: exit status 0 ok, 1 the work failed, 2 bad usage or bad
 input, with one sentence on stderr (the traceback with ``--debug``). TensorFlow, Keras
 and onnxruntime are imported only by the work that needs them (a build, a SavedModel
 artifact, an ONNX session), so ``fuser --help`` and ``fuser inspect`` answer at once.
@@ -9,14 +11,16 @@ artifact, an ONNX session), so ``fuser --help`` and ``fuser inspect`` answer at 
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import os
 import sys
 import traceback
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from fuser.cli.commands import EXIT_BAD_INPUT, EXIT_FAILED
 from fuser.cli.parser import parser as command_parser
+from fuser.cli.status import EXIT_BAD_INPUT, EXIT_FAILED
 from fuser.errors import FuseError, FuseWarning, StageError, VerificationError
 from runtime.errors import ArtifactError
 
@@ -35,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     warnings.showwarning = _show_warning
     try:
-        return arguments.handler(arguments)
+        return _handler(arguments.handler)(arguments)
     except KeyboardInterrupt:
         print("fuser: interrupted.", file=sys.stderr)
         return 130
@@ -50,6 +54,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if status == EXIT_FAILED and not arguments.debug:
             print("fuser: run again with --debug for the traceback.", file=sys.stderr)
         return status
+
+
+def _handler(name: str) -> Callable[[argparse.Namespace], int]:
+    """The function ``module:function`` names (the parser's ``handler``)."""
+    module, function = name.split(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import sys
 from pathlib import Path
@@ -14,30 +13,28 @@ from typing import Any
 import numpy as np
 
 import runtime
-from fuser import formats, packaging
-from fuser.build import build as build_ensemble
+from fuser import packaging
+from fuser.builder import build as build_ensemble
+from fuser.cli.status import EXIT_OK
 from fuser.errors import FuseError
 from fuser.formats import placement
 from fuser.formats.onnx import check_opset
+from fuser.formats.registry import format_problems
+from fuser.formats.writer import output, output_problems
 from fuser.members import detect_format, parse_specs
-from runtime import readers
-from runtime.describe import describe
-from runtime.readers import artifact_format
 from runtime.server import ServeOptions, run
-
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
 def build(arguments: argparse.Namespace) -> int:
     # Outputs first, once: a build bound to fail at the end fails before it starts.
-    problems = formats.output_problems(arguments.output, force=arguments.force)
+    problems = output_problems(arguments.output, force=arguments.force)
     problems += check_opset(arguments.opset)
     custom_objects = _custom_objects(arguments.custom_objects, problems)
     problems += _early_format_problems(arguments.members, arguments.output)
     weights = _weights(arguments.weights, problems)
     if problems:
         raise FuseError(problems)
-    outputs = [formats.output(path, force=arguments.force) for path in arguments.output]
+    outputs = [output(path, force=arguments.force) for path in arguments.output]
     ensemble = build_ensemble(
         arguments.members,
         arguments.head,
@@ -68,9 +65,7 @@ def build(arguments: argparse.Namespace) -> int:
     )
     # Refuse a format that cannot hold a member before writing any artifact.
     problems = [
-        problem
-        for each in outputs
-        for problem in formats.format_problems(each.path, ensemble.members)
+        problem for each in outputs for problem in format_problems(each.path, ensemble.members)
     ]
     if problems:
         raise FuseError(problems)
@@ -109,7 +104,7 @@ def _early_format_problems(members: list[str], outputs: list[Path]) -> list[str]
         except FuseError:
             continue
         detected.append(SimpleNamespace(describe=spec.describe, format=kind, source=spec.source))
-    return [problem for path in outputs for problem in formats.format_problems(path, detected)]
+    return [problem for path in outputs for problem in format_problems(path, detected)]
 
 
 def _custom_objects(specs: list[str], problems: list[str]) -> dict[str, Any] | None:
@@ -132,16 +127,6 @@ def _custom_objects(specs: list[str], problems: list[str]) -> dict[str, Any] | N
         except (ImportError, AttributeError) as error:
             problems.append(f"--custom-objects {spec!r} could not be imported ({error}).")
     return objects or None
-
-
-def inspect(arguments: argparse.Namespace) -> int:
-    path = arguments.artifact
-    manifest = readers.read_manifest(artifact_format(path), path, verify=not arguments.no_verify)
-    if arguments.json:
-        print(json.dumps(manifest, indent=2, sort_keys=True))
-        return EXIT_OK
-    print(describe(manifest, str(path), verified=not arguments.no_verify))
-    return EXIT_OK
 
 
 def predict(arguments: argparse.Namespace) -> int:

@@ -6,8 +6,7 @@ import argparse
 from pathlib import Path
 
 from fuser import __version__
-from fuser.cli import commands as handlers
-from fuser.members import parse_byte_size
+from fuser.sizes import parse_byte_size
 
 
 def parser() -> argparse.ArgumentParser:
@@ -167,7 +166,7 @@ def parser() -> argparse.ArgumentParser:
         "manifest)",
     )
     build.add_argument("-q", "--quiet", action="store_true", help="no progress output")
-    build.set_defaults(handler=handlers.build)
+    build.set_defaults(handler="fuser.cli.commands:build")
 
     loading = argparse.ArgumentParser(add_help=False)  # what predict and serve share
     loading.add_argument(
@@ -188,7 +187,7 @@ def parser() -> argparse.ArgumentParser:
     inspect.add_argument(
         "--no-verify", action="store_true", help="skip the check against the SHA-256 seal"
     )
-    inspect.set_defaults(handler=handlers.inspect)
+    inspect.set_defaults(handler="fuser.cli.inspect:inspect")
 
     predict = commands.add_parser(
         "predict", parents=[common, loading], help="run an artifact on a .npy/.npz batch"
@@ -205,7 +204,7 @@ def parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--threads", type=int, help="ONNX Runtime intra-op threads (default: one per core)"
     )
-    predict.set_defaults(handler=handlers.predict)
+    predict.set_defaults(handler="fuser.cli.commands:predict")
 
     serve = commands.add_parser(
         "serve",
@@ -254,7 +253,7 @@ def parser() -> argparse.ArgumentParser:
         "closed (default 512)",
     )
     serve.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
-    serve.set_defaults(handler=handlers.serve)
+    serve.set_defaults(handler="fuser.cli.commands:serve")
 
     export = commands.add_parser(
         "export", parents=[common], help="package an artifact for Triton or TF Serving"
@@ -274,7 +273,7 @@ def parser() -> argparse.ArgumentParser:
     )
     triton.add_argument("--instances", type=int, default=1, help="CPU instances (default 1)")
     triton.add_argument("--force", action="store_true", help="replace an existing model")
-    triton.set_defaults(handler=handlers.export_triton)
+    triton.set_defaults(handler="fuser.cli.commands:export_triton")
     tfserving = targets.add_parser(
         "tfserving", parents=[common], help="write REPO/NAME/VERSION/ from a SavedModel artifact"
     )
@@ -283,7 +282,7 @@ def parser() -> argparse.ArgumentParser:
     tfserving.add_argument("--name", help="model name (default: the directory's name)")
     tfserving.add_argument("--version", type=int, default=1, help="version directory (default 1)")
     tfserving.add_argument("--force", action="store_true", help="replace an existing version")
-    tfserving.set_defaults(handler=handlers.export_tfserving)
+    tfserving.set_defaults(handler="fuser.cli.commands:export_tfserving")
     return parser
 
 

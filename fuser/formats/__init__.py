@@ -1,22 +1,7 @@
-"""Artifact formats and writing them: ``output`` checks where one goes, ``write`` writes it.
+"""Artifact formats and writing them.
 
 ``registry`` lists the formats (``onnx``, ``savedmodel``, ``keras``: one module each, a
-``format.Format`` in each),
-``writer`` the one way every artifact is written, ``placement`` how it lands.
+``format.Format`` in each) and says which one an output path asks for; ``writer`` is the
+one way every artifact is written (``output`` checks where one goes, ``write`` writes it);
+``placement`` how it lands, atomically (the model repositories use it too).
 """
-
-from fuser.formats.format import Format
-from fuser.formats.registry import FORMATS, format_of, format_problems, output_format
-from fuser.formats.writer import Output, output, output_problems, write
-
-__all__ = [
-    "FORMATS",
-    "Format",
-    "Output",
-    "format_of",
-    "format_problems",
-    "output",
-    "output_format",
-    "output_problems",
-    "write",
-]

@@ -11,7 +11,6 @@ from fuser.members.limits import (
     DEFAULT_MAX_MEMBER_BYTES,
     MAX_ZIP_ENTRIES,
     check_max_member_bytes,
-    parse_byte_size,
 )
 from fuser.members.load import load_members
 from fuser.members.spec import (
@@ -24,6 +23,7 @@ from fuser.members.spec import (
     parse_specs,
     sha256_of,
 )
+from fuser.sizes import parse_byte_size
 
 __all__ = [
     "DEFAULT_MAX_MEMBER_BYTES",

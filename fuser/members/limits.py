@@ -10,7 +10,6 @@ import dataclasses
 import io
 import math
 import os
-import re
 import struct
 import zipfile
 from pathlib import Path
@@ -42,24 +41,7 @@ _CONFIG_SHARE, _GRAPH_SHARE = 64, 4
 # its size; a .keras file has a handful (config.json, metadata.json, model.weights.h5 and
 # its assets).
 MAX_ZIP_ENTRIES = 100_000
-_SIZE_SUFFIXES = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 # How much a member may expand to ---------------------------------------------------------
-
-
-def parse_byte_size(text: str) -> int:
-    """``"8G"`` -> 8 GiB: a whole number of bytes, optionally with a suffix K, M, G or T
-    (powers of 1024, also written KiB, MiB, ...), for ``--max-member-bytes``.
-
-    Raises:
-        ValueError: one sentence saying what was expected.
-    """
-    match = re.fullmatch(r"\s*(\d+)\s*(?:([KMGT])(?:i?B)?)?\s*", str(text), re.IGNORECASE)
-    if not match or int(match.group(1)) < 1:
-        raise ValueError(
-            f"Expected a positive number of bytes, optionally with a suffix K, M, G or T "
-            f"(powers of 1024), such as 8G; received {text!r}."
-        )
-    return int(match.group(1)) * _SIZE_SUFFIXES[(match.group(2) or "").upper()]
 
 
 def check_max_member_bytes(value: Any) -> list[str]:

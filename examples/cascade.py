@@ -30,11 +30,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from digits import load_data  # the same split of the digits: train, validation, test
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 HERE = Path(__file__).resolve().parent
-SEED = 0
 TOLERANCES = (0.0, 0.001, 0.005, 0.01, 0.02, 0.05, 0.1)
 
 
@@ -121,30 +121,6 @@ def main(argv: list[str] | None = None) -> int:
     figure = plot(curve, probabilities, data, params, out / "cascade_curve.png")
     print(f"   (cost per row relative to the full ensemble; the curve: {figure})")
     return 0
-
-
-def load_data() -> dict[str, np.ndarray]:
-    """Digits split 60/20/20 into train, validation (calibrates the cascade) and test."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    x = (digits.data / 16.0).astype(np.float32)
-    y = digits.target.astype(np.int64)
-    x_train, x_rest, y_train, y_rest = train_test_split(
-        x, y, test_size=0.4, random_state=SEED, stratify=y
-    )
-    x_val, x_test, y_val, y_test = train_test_split(
-        x_rest, y_rest, test_size=0.5, random_state=SEED, stratify=y_rest
-    )
-    return {
-        "x_train": x_train,
-        "y_train": y_train,
-        "x_val": x_val,
-        "y_val": y_val,
-        "x_test": x_test,
-        "y_test": y_test,
-    }
 
 
 def train_members(data: dict[str, np.ndarray], *, epochs: int) -> dict:

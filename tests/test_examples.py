@@ -14,17 +14,27 @@ import runtime
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "digits.py"
 
 
-@pytest.mark.slow
-def test_digits_example_builds_a_fused_ensemble_and_reports_its_gains(tmp_path):
+def _run_quickly(example: Path, out: Path) -> str:
+    """What ``example --quick`` prints, writing its files under ``out``."""
     finished = subprocess.run(
-        [sys.executable, str(EXAMPLE), "--quick", "--out", str(tmp_path)],
+        [sys.executable, str(example), "--quick", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert finished.returncode == 0, finished.stderr[-2000:]
-    report = finished.stdout
-    accuracies = dict(re.findall(r"^   (\w+)\s+(0\.\d{4})$", report, flags=re.MULTILINE))
+    return finished.stdout
+
+
+def _accuracies(report: str) -> dict[str, str]:
+    """The held-out accuracies a report lists, ``   name   0.9722``, by name."""
+    return dict(re.findall(r"^   (\w+)\s+(0\.\d{4})$", report, flags=re.MULTILINE))
+
+
+@pytest.mark.slow
+def test_digits_example_builds_a_fused_ensemble_and_reports_its_gains(tmp_path):
+    report = _run_quickly(EXAMPLE, tmp_path)
+    accuracies = _accuracies(report)
     assert set(accuracies) == {"small", "wide", "deep", "conv", "normed", "ensemble"}
     assert float(accuracies["ensemble"]) > 0.85
     difference = float(re.search(r"max abs difference (\S+)", report).group(1))
@@ -71,15 +81,8 @@ CASCADE_EXAMPLE = EXAMPLE.with_name("cascade.py")
 
 @pytest.mark.slow
 def test_cascade_example_prints_the_accuracy_cost_curve_and_plots_it(tmp_path):
-    finished = subprocess.run(
-        [sys.executable, str(CASCADE_EXAMPLE), "--quick", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert finished.returncode == 0, finished.stderr[-2000:]
-    report = finished.stdout
-    accuracies = dict(re.findall(r"^   (\w+)\s+(0\.\d{4})$", report, flags=re.MULTILINE))
+    report = _run_quickly(CASCADE_EXAMPLE, tmp_path)
+    accuracies = _accuracies(report)
     assert set(accuracies) == {"small", "wide", "deep", "conv", "full", "cascade"}
     assert float(accuracies["cascade"]) > float(accuracies["small"]) - 0.02
     assert re.search(r"^   stage 1: small ", report, flags=re.MULTILINE)

@@ -87,21 +87,20 @@ OPERATIONS: dict[str, Lowering] = {}
 
 def layers(*kinds: str, check: Callable[..., None] | None = None) -> Callable:
     """Register a lowering for the layer classes named ``kinds``."""
-
-    def register(function: Callable[..., Value]) -> Callable[..., Value]:
-        for kind in kinds:
-            LAYERS[kind] = Lowering(function, check)
-        return function
-
-    return register
+    return _registrar(LAYERS, kinds, check)
 
 
 def operations(*kinds: str, check: Callable[..., None] | None = None) -> Callable:
     """Register a lowering for the keras.ops operation classes named ``kinds``."""
+    return _registrar(OPERATIONS, kinds, check)
 
+
+def _registrar(
+    registry: dict[str, Lowering], kinds: Sequence[str], check: Callable[..., None] | None
+) -> Callable:
     def register(function: Callable[..., Value]) -> Callable[..., Value]:
         for kind in kinds:
-            OPERATIONS[kind] = Lowering(function, check)
+            registry[kind] = Lowering(function, check)
         return function
 
     return register

@@ -69,6 +69,18 @@ class Limits:
             total = max(base, _EXPANSION * _size_on_disk(path))
         return cls(total, base // _CONFIG_SHARE, base // _GRAPH_SHARE, max_member_bytes is not None)
 
+    def check_total(self, spec: MemberSpec, sizes: dict[str, int], what: str) -> None:
+        """Refuse a member whose parts (``sizes``: name -> bytes, ``what`` they are) expand
+        beyond the total limit, naming the largest."""
+        total = sum(sizes.values())
+        if total > self.total:
+            largest = max(sizes, key=sizes.__getitem__)
+            self.refuse(
+                spec,
+                f"the {len(sizes)} {what} (the largest {largest!r}, {_bytes(sizes[largest])})",
+                total,
+            )
+
     def refuse(self, spec: MemberSpec, what: str, size: int, kind: str = "total") -> NoReturn:
         """Refuse ``what`` (``... would expand to``), ``size`` bytes, over the ``kind`` limit."""
         limit = getattr(self, kind)
@@ -122,15 +134,9 @@ def check_zip(spec: MemberSpec, path: Path, limits: Limits) -> None:
             infos = archive.infolist()
     except (zipfile.BadZipFile, OSError, EOFError, struct.error):
         return  # damaged: _damaged_zip says so
-    total = sum(info.file_size for info in infos)
-    if total > limits.total:
-        largest = max(infos, key=lambda info: info.file_size)
-        limits.refuse(
-            spec,
-            f"the {len(infos)} zip entries of {path} (the largest {largest.filename!r}, "
-            f"{_bytes(largest.file_size)})",
-            total,
-        )
+    limits.check_total(
+        spec, {info.filename: info.file_size for info in infos}, f"zip entries of {path}"
+    )
     for info in infos:
         if info.filename.endswith(".json") and info.file_size > limits.config:
             limits.refuse(
@@ -262,15 +268,7 @@ def check_h5(spec: MemberSpec, source: Path | io.RawIOBase, where: object, limit
             f"{where} has HDF5 data stored in other files ({', '.join(sorted(outside)[:3])}), "
             "which fuser does not read; save the model again with Keras",
         )
-    total = sum(declared.values())
-    if total > limits.total:
-        largest = max(declared, key=declared.__getitem__)
-        limits.refuse(
-            spec,
-            f"the {len(declared)} HDF5 datasets of {where} (the largest {largest!r}, "
-            f"{_bytes(declared[largest])})",
-            total,
-        )
+    limits.check_total(spec, declared, f"HDF5 datasets of {where}")
 
 
 # SavedModel files parsed whole, and the limit each takes.
@@ -311,12 +309,4 @@ def check_savedmodel_variables(spec: MemberSpec, path: Path, limits: Limits, tf:
         name: math.prod(shape) * (dtypes[name].size or 32)  # strings: per element
         for name, shape in shapes.items()
     }
-    total = sum(declared.values())
-    if total > limits.total:
-        largest = max(declared, key=declared.__getitem__)
-        limits.refuse(
-            spec,
-            f"the {len(declared)} variables in the checkpoint of {path} (the largest "
-            f"{largest!r}, {_bytes(declared[largest])})",
-            total,
-        )
+    limits.check_total(spec, declared, f"variables in the checkpoint of {path}")

@@ -36,6 +36,9 @@ ARCHITECTURES = (
     "NASNetMobile",
     "DenseNet121",
 )
+_OUTPUTS = {"onnx": "e.onnx", "savedmodel": "e_savedmodel", "keras": "e.keras"}
+_LABELS = {"onnx": "ONNX", "savedmodel": "SavedModel", "keras": ".keras"}
+_DEFAULT_OUTPUTS = ("onnx", "savedmodel")  # rows measured before --outputs existed
 _STEP = re.compile(r"^(?P<step>[A-Z][^:\n]*): done in (?P<seconds>[0-9.]+) s\.", re.MULTILINE)
 # The build's own peak, as its last "Wrote ..." line says (the workers are not in it).
 _BUILD_PEAK = re.compile(r"peak memory of the build so far (?P<mb>[0-9,.]+) MB")
@@ -141,17 +144,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label", default="this version")
     parser.add_argument("--rebuild", action="store_true", help="then rebuild, one member changed")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each (default 1)")
+    parser.add_argument(
+        "--outputs",
+        default="onnx,savedmodel",
+        help="artifacts to write, of onnx, savedmodel, keras (default onnx,savedmodel)",
+    )
     arguments = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     architectures = arguments.architectures.split(",")
     members = arguments.workdir / f"members_{arguments.size}"
     paths = write_members(architectures, arguments.size, members)
-    outputs = [arguments.workdir / "e.onnx", arguments.workdir / "e_savedmodel"]
+    kinds = arguments.outputs.split(",")
+    unknown = sorted(set(kinds) - set(_OUTPUTS))
+    if unknown:
+        parser.error(f"--outputs takes {', '.join(_OUTPUTS)}; received {', '.join(unknown)}")
+    outputs = [arguments.workdir / _OUTPUTS[kind] for kind in kinds]
     cache = arguments.workdir / "cache"
     row: dict[str, Any] = {
         "label": arguments.label,
         "architectures": architectures,
         "size": arguments.size,
+        "outputs": kinds,
         "weights_mb": round(weights_bytes(paths) / 1e6, 1),
         "first": [],
     }
@@ -189,28 +202,34 @@ def report(results: dict[str, Any]) -> str:
     lines = [
         "# Building real architectures",
         "",
-        "`python -m benchmarks.real_members` — `fuser build MEMBERS --fusion off -o e.onnx "
-        "-o e_savedmodel` in a fresh process; wall time and the process's peak resident "
-        "memory. Rows labelled with another version ran that version's code "
-        "(`--fuser-source`, a `git worktree` of the commit) on the same members, in the "
-        "same session.",
+        "`python -m benchmarks.real_members [--outputs onnx,savedmodel] --rebuild` — `fuser "
+        "build MEMBERS --fusion off -o e.onnx -o e_savedmodel` (the outputs of the row) in a "
+        "fresh process with an empty cache, then again after one member (DenseNet121) was "
+        "changed; wall time and the process's peak resident memory. Rows labelled with "
+        "another version ran that version's code (`--fuser-source`, a `git worktree` of the "
+        "commit) on the same members; rows from an earlier session say so (this VM's speed "
+        "varies by a quarter between sessions: compare rows of one session).",
         "",
         f"Machine: {machine['cpu_model']}, {machine['cores_logical']} logical cores, "
         f"{machine['memory_gb']} GB, TensorFlow {describe_onednn(machine)}; load average at "
         f"start {machine['load_average_at_start']}.",
         "",
-        "| version | members | weights | build: median (min to max) | peak memory: build "
-        "process, largest conversion worker | memory goal (2 GB + 4x weights) | "
+        "| version | outputs | members | weights | build: median (min to max) | peak memory: "
+        "build process, largest conversion worker | memory goal (2 GB + 4x weights) | "
         "stages, median |",
-        "| :--- | :--- | ---: | ---: | ---: | ---: | :--- |",
+        "| :--- | :--- | :--- | ---: | ---: | ---: | ---: | :--- |",
     ]
     for row in results["rows"]:
+        medians = {}
         for key, what in (("first", "first build"), ("rebuild_one_changed", "one member changed")):
             runs = row.get(key)
             if not runs:
                 continue
             seconds = sorted(run["seconds"] for run in runs)
-            median = seconds[len(seconds) // 2]
+            median = medians[key] = seconds[len(seconds) // 2]
+            faster = ""
+            if key != "first" and medians.get("first"):
+                faster = f", {medians['first'] / median:.1f}x faster than the first build"
             peak = max(run.get("build_peak_rss_mb", run["peak_rss_mb"]) for run in runs)
             worker = max(run.get("worker_peak_rss_mb", 0) for run in runs)
             goal = 2000 + 4 * row["weights_mb"]
@@ -218,10 +237,12 @@ def report(results: dict[str, Any]) -> str:
                 f"{step} {sorted(run['steps'].get(step, 0) for run in runs)[len(runs) // 2]:.1f} s"
                 for step in runs[0]["steps"]
             )
+            kinds = " + ".join(_LABELS[kind] for kind in row.get("outputs", _DEFAULT_OUTPUTS))
             lines.append(
-                f"| {row['label']}, {what} | {', '.join(row['architectures'])} at "
+                f"| {row['label']}, {what} | {kinds} | {', '.join(row['architectures'])} at "
                 f"{row['size']} px | {row['weights_mb']:.0f} MB | {median:.0f} s "
-                f"({seconds[0]:.0f} to {seconds[-1]:.0f} s, {len(runs)} runs) | {peak:,} MB, "
+                f"({seconds[0]:.0f} to {seconds[-1]:.0f} s, {len(runs)} runs{faster}) | "
+                f"{peak:,} MB, "
                 f"{f'{worker:,} MB' if worker else 'none'} | "
                 f"{goal:,.0f} MB | {steps} |"
             )

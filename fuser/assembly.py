@@ -19,6 +19,7 @@ from fuser.fusion.plan import FusionPlan
 from fuser.heads import Head
 from fuser.members import Member, branch
 from fuser.validate import Wiring
+from runtime.manifest import TensorSpec
 
 EXIT_STAGE = "exit_stage"
 
@@ -224,6 +225,31 @@ def head_outputs(
             name = uncertainty_lib.extra_name(kind, spec.name, single)
             combined[name] = uncertainty_lib.graph(kind, values[spec.name], prediction, task)
     return combined
+
+
+def output_specs(
+    wiring: Wiring,
+    head: Head,
+    count: int,
+    *,
+    tasks: dict[str, str],
+    uncertainty: bool = False,
+    expose_members: bool = False,
+) -> tuple[TensorSpec, ...]:
+    """The fused outputs (names, shapes, float32) of ``count`` members under ``head``, from
+    the head alone: what the fused model will answer, before it is assembled."""
+    import keras
+
+    stacked = {
+        spec.name: keras.Input((count, *spec.shape[1:]), name=f"stacked_{spec.name}")
+        for spec in wiring.outputs
+    }
+    outputs = head_outputs(
+        stacked, wiring, head, tasks=tasks, uncertainty=uncertainty, expose_members=expose_members
+    )
+    return tuple(
+        TensorSpec(name, tuple(tensor.shape), "float32") for name, tensor in outputs.items()
+    )
 
 
 def _in_member_order(blocks: list[tuple[list[int], Any]], ops: Any) -> Any:

@@ -6,27 +6,27 @@ holds the result and writes artifacts (``fuser.formats``).
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from fuser.assembly import EXIT_STAGE, assemble
+from fuser.assembly import EXIT_STAGE, assemble, output_specs
 from fuser.conversion.units import ConversionOptions
 from fuser.ensemble import Ensemble, serving_function
 from fuser.errors import FuseError, FuseWarning, StageError, VerificationError, stage
 from fuser.fitting import check_head, fit, score_cascade
 from fuser.fusion.forms import failing_groups
-from fuser.fusion.plan import FusionPlan
+from fuser.fusion.plan import FusionPlan, mode_of
 from fuser.fusion.planner import plan_fusion
 from fuser.heads import Head
 from fuser.heads.calibration import calibrate
 from fuser.heads.stages import check_order
-from fuser.members import Member, load_members, parse_specs
+from fuser.members import Member, parse_specs
 from fuser.options import BuildOptions
 from fuser.progress import Reporter
+from fuser.recall import Records, load_or_recall, recorded
 from fuser.reference import member_values
 from fuser.tasks import infer_tasks, parse_task_option
 from fuser.validate import Wiring, nonfinite_counts, nonfinite_problems, wire
@@ -72,8 +72,10 @@ def build(members: Sequence[Any], head: str | Head = "mean", **options: Any) -> 
         jobs: members loaded at once (default: one per core, at most one per member), and
             large members converted to ONNX at once in worker processes (default: one per
             core; see ``fuser.conversion.units``).
-        cache: keep members converted to ONNX in a cache, so that a rebuild converts only
-            the members that changed.
+        cache: keep members converted to ONNX in a cache, and a record of each member
+            loaded (``fuser.members.records``), so that a rebuild loads and converts only the
+            members that changed (the others are loaded only if something needs them; the
+            fused Keras model is then assembled on first use, see ``Ensemble.model``).
         cache_dir: the cache's folder (default: ``$FUSER_CACHE_DIR``, else
             ``$XDG_CACHE_HOME/fuser``, else ``~/.cache/fuser``).
         input_name: name of the fused input when members have one input each
@@ -111,25 +113,24 @@ def build(members: Sequence[Any], head: str | Head = "mean", **options: Any) -> 
             f"The build has one member ({specs[0].name}): the artifact is that member "
             "alone, with fuser's verification, manifest and runtime.",
         )
-    with reporter.task("Importing TensorFlow and loading members", total=len(specs)) as advance:
-        loaded, load_wall = load_members(
-            specs,
-            jobs=options.jobs,
-            safe_mode=options.safe_mode,
-            custom_objects=options.custom_objects,
-            max_member_bytes=options.max_member_bytes,
-            on_loaded=lambda member: advance(member.name),
-        )
-    load_sum = sum(member.load_seconds for member in loaded)
-    at_once = options.jobs or min(len(loaded), os.cpu_count() or 1)
-    reporter.note(
-        f"Loaded {len(loaded)} members in {load_wall:.2f} s "
-        f"(sum of the single loads {load_sum:.2f} s, {at_once} at once)."
+    conversion = ConversionOptions(
+        jobs=options.jobs,
+        cache_dir=options.cache_dir,
+        cache=options.cache,
+        safe_mode=options.safe_mode,
+        custom_objects=options.custom_objects,
+        max_member_bytes=options.max_member_bytes,
     )
+    records = Records.of(options, conversion, reporter)
+    loaded, load_wall = load_or_recall(specs, options, records, reporter)
+    load_sum = sum(member.load_seconds for member in loaded)
     with reporter.task("Matching the members' inputs and outputs, running them on a probe batch"):
         wiring = wire(loaded, input_name=options.input_name)
         output_names = [spec.name for spec in wiring.outputs]
         probe = _probe_batch(wiring.inputs, options.probe_batch)
+        if records is not None:
+            stale = records.stale(loaded, wiring, probe)
+            loaded = records.load(loaded, stale, "their records hold another probe batch")
         probe_values = member_values(loaded, wiring, probe, what="the probe batch")
         nonfinite = nonfinite_counts(loaded, wiring, probe_values)
         if nonfinite and not options.allow_nonfinite:
@@ -159,7 +160,13 @@ def build(members: Sequence[Any], head: str | Head = "mean", **options: Any) -> 
     else:
         check_head(the_head, len(loaded), wiring, tasks)
     with reporter.task("Choosing which same-architecture members to fuse"):
+        if records is not None:
+            alike = records.alike(loaded, mode_of(options.fusion))
+            loaded = records.load(loaded, alike, "other members may share their architecture")
+            records.store(loaded, wiring, probe, probe_values)
         fusion = plan_fusion(loaded, wiring.input_order, wiring.output_order, options.fusion)
+    if records is not None and fusion.groups:  # the fused groups are checked in TensorFlow
+        loaded = records.load(loaded, recorded(loaded), "the fused groups are checked with them")
     fit_check = None
     if the_head.routes:
         with reporter.task("Calibrating the cascade: timing its stages, choosing thresholds"):
@@ -199,16 +206,42 @@ def build(members: Sequence[Any], head: str | Head = "mean", **options: Any) -> 
         expose_members=options.expose_members,
         fit_check=fit_check,
     )
-    with reporter.task("Fusing, compiling and verifying"):
+
+    def assemble_now(members: list[Member]) -> tuple[list[Member], Any, Any, float]:
+        if records is not None:
+            members = records.load(members, recorded(members), "the fused Keras model needs them")
         model, function, error = fuse_and_verify(
-            loaded, wiring, the_head, kinds, fusion, verifier, probe_values, options
+            members, wiring, the_head, kinds, fusion, verifier, probe_values, options
         )
+        return members, model, function, error
+
+    model = function = error = outputs = None
+    if recorded(loaded):  # assembled when an output or predict needs it: not for ONNX
+        outputs = output_specs(
+            wiring,
+            the_head,
+            len(loaded),
+            tasks=kinds,
+            uncertainty=options.uncertainty,
+            expose_members=options.expose_members,
+        )
+        verifier.outputs = [spec.name for spec in outputs]
+    else:
+        with reporter.task("Fusing, compiling and verifying"):
+            loaded, model, function, error = assemble_now(loaded)
+
+    def assemble_later() -> tuple[list[Member], Any, Any, float]:
+        with reporter.task("Loading the recorded members, fusing, compiling and verifying"):
+            return assemble_now(loaded)
+
     ensemble = Ensemble(
         loaded,
         wiring,
         the_head,
         model=model,
         function=function,
+        outputs=outputs,
+        assemble=assemble_later,
         tasks=tasks,
         verifier=verifier,
         fusion=fusion,
@@ -220,21 +253,21 @@ def build(members: Sequence[Any], head: str | Head = "mean", **options: Any) -> 
         },
         validation=validation,
         nonfinite=kept_nonfinite if options.allow_nonfinite else None,
-        build_info={"load_seconds": round(load_wall, 4), "load_seconds_sum": round(load_sum, 4)},
-        conversion=ConversionOptions(
-            jobs=options.jobs,
-            cache_dir=options.cache_dir,
-            cache=options.cache,
-            safe_mode=options.safe_mode,
-            custom_objects=options.custom_objects,
-            max_member_bytes=options.max_member_bytes,
-        ),
+        build_info={
+            "load_seconds": round(load_wall, 4),
+            "load_seconds_sum": round(load_sum, 4),
+            "members_from_records": [member.name for member in recorded(loaded)],
+        },
+        conversion=conversion,
         reporter=reporter,
     )
     for line in fusion.notes():
         reporter.note(line)
     reporter.note(
-        f"Fused model matches its members: max abs error {error:.2e} on a probe batch of "
+        "The fused Keras model is assembled only if an artifact needs it (SavedModel, .keras); "
+        "every artifact is verified against the members' recorded outputs."
+        if error is None
+        else f"Fused model matches its members: max abs error {error:.2e} on a probe batch of "
         f"{options.probe_batch}."
     )
     return ensemble

@@ -41,6 +41,10 @@ class Built(Protocol):
     reporter: Reporter
 
     @property
+    def assembled(self) -> bool:
+        """Whether the fused Keras model exists yet (a rebuild assembles it on first use)."""
+
+    @property
     def probe(self) -> dict[str, np.ndarray]:
         """The probe batch every artifact is verified on."""
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 import platform
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -57,6 +57,8 @@ class Ensemble:
         *,
         model: Any,
         function: Any,
+        outputs: Sequence[TensorSpec] | None = None,
+        assemble: Callable[[], tuple[list[Member], Any, Any, float]] | None = None,
         tasks: dict[str, Task],
         verifier: Verifier,
         fusion: FusionPlan,
@@ -72,13 +74,16 @@ class Ensemble:
         self.named_members = {member.name: member for member in self.members}
         self.wiring = wiring
         self.head = head
-        self.model = model
+        self._model = model
+        self._assemble = assemble
         self.tasks = dict(tasks)
         self.inputs: tuple[TensorSpec, ...] = wiring.inputs
-        self.outputs: tuple[TensorSpec, ...] = tuple(
-            TensorSpec(name, tuple(tensor.shape), "float32")
-            for name, tensor in model.output.items()
-        )
+        if outputs is None:
+            outputs = [
+                TensorSpec(name, tuple(tensor.shape), "float32")
+                for name, tensor in model.output.items()
+            ]
+        self.outputs: tuple[TensorSpec, ...] = tuple(outputs)
         self.fusion = fusion
         self.xla = options.xla
         self.uncertainty, self.expose_members = options.uncertainty, options.expose_members
@@ -91,6 +96,23 @@ class Ensemble:
         self.reporter = reporter
         self._function = function
         self._build_info = build_info
+
+    @property
+    def model(self) -> Any:
+        """The fused ``keras.Model``. A rebuild that took members from their records
+        (``fuser.members.records``) assembles it on first use: it loads those members, fuses,
+        compiles and verifies as the build does."""
+        if self._model is None:
+            members, self._model, self._function, error = self._assemble()
+            self.members = list(members)
+            self.named_members = {member.name: member for member in self.members}
+            self.verification["max_abs_error"] = error
+        return self._model
+
+    @property
+    def assembled(self) -> bool:
+        """Whether the fused Keras model exists yet (see ``model``)."""
+        return self._model is not None
 
     @property
     def probe(self) -> dict[str, np.ndarray]:
@@ -112,6 +134,7 @@ class Ensemble:
     def tensorflow_function(self) -> Any:
         """The fused model's ``tf.function`` as traced and verified for TensorFlow (with XLA
         when the build asked for it): what the SavedModel artifact serves."""
+        _ = self.model  # assembled on first use
         return self._function
 
     def serving_function(self, *, jit_compile: bool = False, target: str = "tensorflow") -> Any:
@@ -121,7 +144,7 @@ class Ensemble:
     def predict(self, x: Any, *, as_dict: bool | None = None) -> Any:
         """Run the fused model: one array for one output, else a dict name -> array."""
         feeds = prepare_feeds(self.inputs, x)
-        outputs = self._function(*(feeds[spec.name] for spec in self.inputs))
+        outputs = self.tensorflow_function(*(feeds[spec.name] for spec in self.inputs))
         results = {name: value.numpy() for name, value in outputs.items()}
         if as_dict or (as_dict is None and len(results) > 1):
             return results
@@ -149,12 +172,18 @@ class Ensemble:
             "fusion": {**self.fusion.to_manifest(), "xla": self.xla},
             "build": dict(self._build_info),
             "verification": {
-                "fused_model": dict(self.verification),
+                **self._fused_model_record(),
                 **self._nonfinite_record(),
                 **({"routing": dict(routing)} if routing else {}),
             },
             "artifact": {},
         }
+
+    def _fused_model_record(self) -> dict[str, Any]:
+        """The fused Keras model's check, once it was assembled and verified."""
+        if self.verification.get("max_abs_error") is None:
+            return {}
+        return {"fused_model": dict(self.verification)}
 
     def _nonfinite_record(self) -> dict[str, Any]:
         """For a build that allowed NaN and inf: the flag, and the counts per member."""

@@ -104,9 +104,23 @@ def infer_tasks(
     return tasks
 
 
+def hints(member: Member) -> dict[str, Any]:
+    """What task inference reads from a loaded member's layers: the activation of each
+    output and whether its loss took logits (kept in its record, ``fuser.members.records``)."""
+    activations = [_final_activation(member.model, index) for index in range(len(member.outputs))]
+    logits = "linear" in activations and _compiled_from_logits(member)
+    return {"activations": activations, "from_logits": bool(logits)}
+
+
 def _member_task(member: Member, index: int, values: np.ndarray) -> Task:
     columns = values.shape[-1] if values.ndim > 1 else 1
-    activation = _final_activation(member.model, index)
+    if member.model is None:  # recorded: what its layers said when it was loaded
+        recorded = member.recorded.hints
+        activation = recorded["activations"][index]
+        from_logits = recorded["from_logits"]
+    else:
+        activation = _final_activation(member.model, index)
+        from_logits = activation == "linear" and _compiled_from_logits(member)
     if activation == "softmax":
         return Task(PROBABILITIES, "softmax output")
     if activation == "sigmoid":
@@ -114,7 +128,7 @@ def _member_task(member: Member, index: int, values: np.ndarray) -> Task:
             return Task(PROBABILITIES, "one sigmoid column: the probability of the positive class")
         return Task(REGRESSION, "sigmoid over several columns (multi-label): values combined alone")
     if activation is not None:
-        if activation == "linear" and _compiled_from_logits(member):
+        if activation == "linear" and from_logits:
             return Task(LOGITS, "linear output and a loss compiled with from_logits=True")
         return Task(REGRESSION, f"{activation} output")
     if _looks_like_probabilities(values):

@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from typing import Any
 
 # Packages whose classes Keras imports by itself when it meets their module in a config.
-_KERAS_OWN = frozenset({"keras", "keras_hub", "keras_cv", "keras_nlp"})
+KERAS_OWN = frozenset({"keras", "keras_hub", "keras_cv", "keras_nlp"})
 
 
 def registered_classes(path: str | os.PathLike) -> dict[str, str | None]:
@@ -91,7 +91,7 @@ def missing_classes(
         for name, module in registered_classes(path).items()
         if name not in registry
         and name not in given
-        and (module or "").split(".")[0] not in _KERAS_OWN
+        and (module or "").split(".")[0] not in KERAS_OWN
     }
 
 

@@ -46,6 +46,9 @@ def describe(manifest: dict[str, Any], source: str, *, verified: bool = False) -
         )
         if isinstance(build.get(key), (int, float)) and not isinstance(build.get(key), bool)
     ]
+    recorded = build.get("members_from_records")
+    if isinstance(recorded, list) and recorded:
+        figures.append(f"{len(recorded)} from their records ({', '.join(map(str, recorded))})")
     conversion = build.get("onnx_conversion")
     if isinstance(conversion, dict) and conversion.get("by") == "units":
         units = [unit for unit in conversion.get("units") or [] if isinstance(unit, dict)]

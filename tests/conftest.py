@@ -39,6 +39,26 @@ def mlp(seed: int, *, input_name: str = "features", classes: int = N_CLASSES, wi
     return keras.Model(inputs, outputs)
 
 
+def wide(seed: int, *, width: int = 32):
+    """A member of another architecture than ``mlp``'s (and than each other's, by width):
+    never fused with them."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((N_FEATURES,), name="features")
+    x = keras.layers.Dense(width, activation="tanh")(inputs)
+    return keras.Model(inputs, keras.layers.Dense(N_CLASSES, activation="softmax")(x))
+
+
+def save_keras(directory: Path, named) -> list[Path]:
+    """Save ``(name, model)`` pairs as ``directory/<name>.keras``; their paths, in order."""
+    paths = []
+    for name, model in named:
+        paths.append(directory / f"{name}.keras")
+        model.save(paths[-1])
+    return paths
+
+
 def overflowing(seed: int):
     """Gives inf and NaN without a Lambda layer: ``exp(1000 * sum(features))`` overflows
     float32 to inf on rows with a clearly positive feature sum (zeros on negative ones);

@@ -231,3 +231,33 @@ def test_serve_benchmark_drives_both_servers_and_reports_the_ratio(tmp_path):
     )
     markdown = (tmp_path / "out" / "SERVE.md").read_text()
     assert "| dynamic batching" in markdown and "| no batching" in markdown
+
+
+def test_real_members_report_names_the_outputs_and_the_rebuild_speedup():
+    from benchmarks import real_members
+
+    def run(seconds: float) -> dict:
+        return {"seconds": seconds, "peak_rss_mb": 900, "worker_peak_rss_mb": 0, "steps": {}}
+
+    machine = {
+        "cpu_model": "Test CPU",
+        "cores_logical": 2,
+        "memory_gb": 8,
+        "load_average_at_start": [0.0, 0.0, 0.0],
+        "tensorflow_onednn": False,
+    }
+    row = {
+        "label": "this version, ONNX",
+        "architectures": ["A", "B"],
+        "size": 32,
+        "outputs": ["onnx"],
+        "weights_mb": 10.0,
+        "first": [run(60.0), run(62.0), run(58.0)],
+        "rebuild_one_changed": [run(20.0), run(19.0), run(21.0)],
+    }
+    older = {**row, "label": "before"}
+    del older["outputs"]  # rows measured before --outputs existed wrote ONNX + SavedModel
+    text = real_members.report({"machine": machine, "rows": [older, row]})
+    assert "| this version, ONNX, first build | ONNX | A, B at 32 px | 10 MB | 60 s" in text
+    assert "20 s (19 to 21 s, 3 runs, 3.0x faster than the first build)" in text
+    assert "| before, first build | ONNX + SavedModel |" in text

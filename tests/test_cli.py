@@ -293,6 +293,7 @@ def test_build_reports_progress_and_loading_time(members_dir, tmp_path):
         tmp_path / "p.onnx",
         "--jobs",
         "2",
+        "--no-cache",  # members loaded, not taken from records of earlier tests' builds
     )
     assert completed.returncode == 0, completed.stderr
     assert (
@@ -310,7 +311,9 @@ def test_keras_output_for_savedmodel_members_is_refused_before_anything_loads(
         raise AssertionError("members were loaded before the output format was checked")
 
     monkeypatch.setattr(fuser.members, "load_members", must_not_load)
-    monkeypatch.setattr(sys.modules["fuser.builder"], "load_members", must_not_load)
+    import fuser.recall
+
+    monkeypatch.setattr(fuser.recall, "load_members", must_not_load)
     argv = ["build", str(members_dir / "a.keras"), str(members_dir / "d_tfsave")]
     assert main([*argv, "-o", str(tmp_path / "x.keras"), "-q"]) == 2
 

@@ -199,12 +199,13 @@ def test_an_unwritable_output_is_refused_before_any_member_loads(
     members_dir, tmp_path, monkeypatch, capsys, make, message
 ):
     import fuser.members
+    import fuser.recall
 
     def never(*arguments, **options):
         raise AssertionError("members were loaded before the output was checked")
 
     monkeypatch.setattr(fuser.members, "load_members", never)
-    monkeypatch.setattr(sys.modules["fuser.builder"], "load_members", never)
+    monkeypatch.setattr(fuser.recall, "load_members", never)
     output = make(tmp_path)
     assert main(["build", str(members_dir / "a.keras"), "-o", str(output)]) == 2
     error = capsys.readouterr().err

@@ -126,11 +126,14 @@ def parser() -> argparse.ArgumentParser:
         "--cache",
         type=Path,
         metavar="DIR",
-        help="where members converted to ONNX are kept for the next build (default: "
-        "$FUSER_CACHE_DIR, else ~/.cache/fuser)",
+        help="where members converted to ONNX, and records of the members loaded, are kept so "
+        "that the next build loads and converts only what changed (default: $FUSER_CACHE_DIR, "
+        "else ~/.cache/fuser)",
     )
     build.add_argument(
-        "--no-cache", action="store_true", help="convert every member again; keep nothing"
+        "--no-cache",
+        action="store_true",
+        help="load and convert every member again; keep nothing",
     )
     build.add_argument(
         "--max-member-bytes",

@@ -39,8 +39,11 @@ def cache_folder(options: ConversionOptions) -> Path | None:
     return Path(base) / "fuser"
 
 
-def fingerprint() -> dict[str, str]:
-    """The versions and conversion code a converted unit depends on."""
+def fingerprint(
+    sources: Sequence[str] = _SOURCES, folders: Sequence[str] = _SOURCE_FOLDERS
+) -> dict[str, str]:
+    """The versions, and the code in ``sources`` and ``folders`` (paths inside the
+    package), that a cached thing depends on: by default, a converted unit."""
     from importlib import metadata
 
     versions = {}
@@ -51,11 +54,9 @@ def fingerprint() -> dict[str, str]:
             versions[package] = None
     code = hashlib.sha256()
     package = Path(__file__).resolve().parents[1]
-    sources = [package / name for name in _SOURCES]
-    sources += sorted(
-        path for folder in _SOURCE_FOLDERS for path in (package / folder).glob("*.py")
-    )
-    for path in sources:
+    paths = [package / name for name in sources]
+    paths += sorted(path for folder in folders for path in (package / folder).glob("*.py"))
+    for path in paths:
         code.update(path.read_bytes())
     versions["code"] = code.hexdigest()
     return versions

@@ -98,6 +98,8 @@ def convert(ensemble: Built, opset: int, options: ConversionOptions) -> tuple[An
                 else:
                     unit.model = None
     remote = [unit for unit in units if unit.model is None and workers.job(unit, options)]
+    if len(remote) == 1 and _light(ensemble, remote[0]):
+        remote = []  # a worker would import TensorFlow and load the member again: 5 to 6 s
     local = [unit for unit in units if unit.model is None and unit not in remote]
     directory = tempfile.TemporaryDirectory(prefix="fuser-units-")
     shares = workers.shares(remote, options.workers(len(remote))) if remote else []
@@ -137,6 +139,16 @@ def convert(ensemble: Built, opset: int, options: ConversionOptions) -> tuple[An
     if folder is not None:
         cache.prune(folder)
     return model, report
+
+
+def _light(ensemble: Built, unit: Unit) -> bool:
+    """Whether the one unit left to convert is converted in the build process: its member
+    is loaded here, and the build holds no other member nor the fused model (a rebuild
+    that took every other member from its record, ``fuser.members.records``), so the
+    conversion's memory is what a worker's would be."""
+    (member,) = unit.members
+    loaded = [each for each in ensemble.members if each.model is not None]
+    return not ensemble.assembled and loaded == [member]
 
 
 def _agrees(unit: Unit, ensemble: Built) -> bool:

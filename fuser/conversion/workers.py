@@ -33,16 +33,14 @@ def job(unit: Unit, options: ConversionOptions) -> dict[str, Any] | None:
     if unit.kind != "member":
         return None
     (member,) = unit.members
-    if member.parameters * 4 < WORKER_MIN_BYTES:
+    # A member taken from its record is not loaded here: a worker loads it, whatever its size.
+    if member.parameters * 4 < WORKER_MIN_BYTES and member.model is not None:
         return None
     if member.source is None or member.format == "memory":
         return None
-    classes = []
-    for name, value in (options.custom_objects or {}).items():
-        module = getattr(value, "__module__", None)
-        if not module or module == "__main__" or "<locals>" in value.__qualname__:
-            return None
-        classes.append({"name": name, "module": module, "qualname": value.__qualname__})
+    classes = importable(options.custom_objects)
+    if classes is None:
+        return None
     return {
         "name": member.name,
         "path": str(member.source),
@@ -52,6 +50,18 @@ def job(unit: Unit, options: ConversionOptions) -> dict[str, Any] | None:
         "custom_objects": classes,
         "max_member_bytes": options.max_member_bytes,
     }
+
+
+def importable(custom_objects: dict[str, Any] | None) -> list[dict[str, str]] | None:
+    """The custom classes as a fresh process imports them (name, module, qualified name);
+    None if one of them cannot be (defined in ``__main__`` or in a function)."""
+    classes = []
+    for name, value in (custom_objects or {}).items():
+        module = getattr(value, "__module__", None)
+        if not module or module == "__main__" or "<locals>" in value.__qualname__:
+            return None
+        classes.append({"name": name, "module": module, "qualname": value.__qualname__})
+    return classes
 
 
 def shares(units: list[Unit], workers: int) -> list[list[Unit]]:

@@ -18,7 +18,6 @@ _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 @dataclasses.dataclass
-@dataclasses.dataclass
 class MemberSpec:
     """A member as the user named it, before loading."""
 
@@ -43,7 +42,9 @@ class Member:
     parameters: int
     sha256: str | None
     load_seconds: float
-    model: Any  # keras.Model, or a layer calling a SavedModel signature
+    model: Any  # keras.Model, or a layer calling a SavedModel signature; None when recorded
+    # Taken from an earlier build's record instead of loaded (``fuser.members.records``).
+    recorded: Any = None
 
     def describe(self) -> str:
         where = self.source.name if self.source is not None else "in memory"
@@ -62,6 +63,8 @@ class Member:
 
     def call(self, tensors: Sequence[Any]) -> list[Any]:
         """Apply the member to tensors in the order of ``self.inputs``; return its flat outputs."""
+        if self.model is None:
+            raise RuntimeError(f"{self.describe()} is recorded, not loaded; load it first.")
         if self.format == "savedmodel":
             named = dict(zip((spec.name for spec in self.inputs), tensors))
             outputs = self.model(named)

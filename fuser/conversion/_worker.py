@@ -43,12 +43,11 @@ class Failed(Exception):
 
 
 def convert(job: dict) -> None:
-    """Load one member and write its unit's ONNX model where the job says."""
-    import keras
-    from keras import ops
-
-    from fuser.conversion.convert import keras_to_onnx
-    from fuser.members import branch, load_members, parse_specs
+    """Load one member and write its unit's ONNX model where the job says. The member is
+    loaded inside ``build`` so that nothing here keeps it: its weights are freed once the
+    unit is frozen, before the conversion's own peak."""
+    from fuser.conversion.convert import built_to_onnx
+    from fuser.members import load_members, parse_specs
 
     custom_objects = {
         entry["name"]: _attribute(importlib.import_module(entry["module"]), entry["qualname"])
@@ -61,6 +60,24 @@ def convert(job: dict) -> None:
         custom_objects=custom_objects or None,
         max_member_bytes=job["max_member_bytes"],
     )
+    signature, owner = member.inputs, f'member "{member.name}"'
+    loaded = [member]
+    del member
+
+    def build() -> object:
+        return _unit_model(loaded.pop(), job)
+
+    model, _ = built_to_onnx(build, job["inputs"], signature, job["opset"], owner=owner)
+    Path(job["output"]).write_bytes(model.SerializeToString())
+
+
+def _unit_model(member: object, job: dict) -> object:
+    """The member's unit: the fused inputs it reads in, ``out_<slot>`` (float32) out."""
+    import keras
+    from keras import ops
+
+    from fuser.members import branch
+
     inputs = [
         keras.Input(shape=spec.shape[1:], dtype=spec.dtype, name=name)
         for name, spec in zip(job["inputs"], member.inputs)
@@ -70,14 +87,7 @@ def convert(job: dict) -> None:
         f"out_{slot}": ops.cast(computed[index], "float32")
         for slot, index in enumerate(job["slots"])
     }
-    model, _ = keras_to_onnx(
-        keras.Model(inputs, outputs),
-        job["inputs"],
-        member.inputs,
-        job["opset"],
-        owner=f'member "{member.name}"',
-    )
-    Path(job["output"]).write_bytes(model.SerializeToString())
+    return keras.Model(inputs, outputs)
 
 
 def _attribute(module: object, qualname: str) -> object:

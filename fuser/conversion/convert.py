@@ -36,7 +36,7 @@ import collections
 import contextlib
 import re
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -71,9 +71,8 @@ def to_onnx(
         FuseError: the graph holds operations no ONNX opset has (they are named).
     """
     with _LOCK, _python_logs_quiet():
-        frozen = freeze(concrete)
-        output_names = [tensor.name for tensor in frozen.outputs]
-        model = _convert(frozen.graph.as_graph_def(), list(input_names), output_names, opset)
+        graph_def, output_names = _frozen_graph(concrete)
+        model = _convert(graph_def, list(input_names), output_names, opset)
     check_operations(model, members, owner)
     return model, output_names
 
@@ -93,25 +92,34 @@ def keras_to_onnx(
     ``owner`` is what an operation ONNX lacks is said to be in (``member "a"``).
     Returns the ONNX model and its output names.
     """
+    return built_to_onnx(lambda: model, names, specs, opset, owner=owner)
+
+
+def built_to_onnx(
+    build: Callable[[], Any],
+    names: Sequence[str],
+    specs: Sequence[Any],
+    opset: int,
+    *,
+    owner: str = "the head",
+) -> tuple[Any, list[str]]:
+    """``keras_to_onnx`` of the model ``build()`` returns. Once frozen, the model, its
+    weights and the traced function are released before the conversion (which holds the
+    frozen constants several times over) unless the caller keeps the model: a conversion
+    worker, which loads its member in ``build``, peaks about 190 MB lower for 94 MB of
+    weights."""
+    import gc
+
     import tensorflow as tf
 
-    signature = [
-        tf.TensorSpec(spec.shape, tf.as_dtype(spec.dtype), name=name)
-        for name, spec in zip(names, specs)
-    ]
-
-    @tf.function(input_signature=signature)
-    def serve(*tensors):
-        outputs = model(list(tensors), training=False)
-        if isinstance(outputs, dict):
-            return outputs
-        return {f"output_{index}": value for index, value in enumerate(tf.nest.flatten(outputs))}
-
-    with native_grouped_convolutions("onnx"):
-        concrete = serve.get_concrete_function()
-    converted, outputs = to_onnx(concrete, [f"{name}:0" for name in names], opset, owner=owner)
+    with _LOCK, _python_logs_quiet():
+        graph_def, outputs, keys = _frozen_keras(build, names, specs)
+        gc.collect()  # Keras models hold reference cycles: free the weights now
+        converted = _convert(graph_def, [f"{name}:0" for name in names], outputs, opset)
+        del graph_def
+    check_operations(converted, owner=owner)
     # The frozen function's outputs are flat, in tf.nest order (dict keys sorted).
-    flat = tf.nest.flatten({name: name for name in concrete.structured_outputs})
+    flat = tf.nest.flatten({name: name for name in keys})
     renames = dict(zip(outputs, flat))
     renames.update({f"{name}:0": name for name in names})
     rename(converted.graph, renames)
@@ -127,6 +135,39 @@ def rename(graph: Any, renames: dict[str, str]) -> None:
         for node in each.node:
             node.input[:] = [renames.get(name, name) for name in node.input]
             node.output[:] = [renames.get(name, name) for name in node.output]
+
+
+def _frozen_keras(
+    build: Callable[[], Any], names: Sequence[str], specs: Sequence[Any]
+) -> tuple[Any, list[str], list[str]]:
+    """The frozen GraphDef of ``build()`` traced for ONNX, its output tensor names and the
+    keys of its outputs; nothing of the model stays referenced from here."""
+    import tensorflow as tf
+
+    signature = [
+        tf.TensorSpec(spec.shape, tf.as_dtype(spec.dtype), name=name)
+        for name, spec in zip(names, specs)
+    ]
+    model = build()
+
+    @tf.function(input_signature=signature)
+    def serve(*tensors):
+        outputs = model(list(tensors), training=False)
+        if isinstance(outputs, dict):
+            return outputs
+        return {f"output_{index}": value for index, value in enumerate(tf.nest.flatten(outputs))}
+
+    with native_grouped_convolutions("onnx"):
+        concrete = serve.get_concrete_function()
+    graph_def, outputs = _frozen_graph(concrete)
+    return graph_def, outputs, list(concrete.structured_outputs)
+
+
+def _frozen_graph(concrete: Any) -> tuple[Any, list[str]]:
+    """``concrete`` frozen, as a GraphDef, and its output tensor names (the frozen function
+    itself is let go: it holds the constants once more)."""
+    frozen = freeze(concrete)
+    return frozen.graph.as_graph_def(), [tensor.name for tensor in frozen.outputs]
 
 
 def freeze(concrete: Any) -> Any:

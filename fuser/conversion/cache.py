@@ -14,12 +14,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from fuser.conversion.unit import ConversionOptions, Unit
+from fuser.members.records import write_atomically
 
 # The code a converted unit depends on, beside the versions.
 _SOURCES = ("conversion/convert.py", "conversion/unit.py", "conversion/_worker.py")
@@ -101,12 +101,8 @@ def cached(folder: Path, key: str) -> Any:
 
 def store(folder: Path, key: str, model: Any) -> None:
     """Write a converted unit to the cache; a cache that cannot be written is skipped."""
-    target = folder / "onnx-units" / f"{key}.onnx"
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=target.parent, prefix=".tmp-", delete=False) as out:
-            out.write(model.SerializeToString())
-        os.replace(out.name, target)
+        write_atomically(folder / "onnx-units" / f"{key}.onnx", model.SerializeToString())
     except OSError:
         return
 

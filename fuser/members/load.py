@@ -110,7 +110,7 @@ def _load_one(
         inputs=inputs,
         outputs=outputs,
         parameters=parameters,
-        sha256=sha256_of(spec.source) if spec.source is not None else None,
+        sha256=(spec.sha256 or sha256_of(spec.source)) if spec.source is not None else None,
         load_seconds=time.perf_counter() - started,
         model=model,
     )

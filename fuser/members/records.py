@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -84,7 +85,7 @@ def recall(
         if spec.source is None or not spec.source.exists():
             continue
         try:
-            sha256 = sha256_of(spec.source)
+            sha256 = spec.sha256 = sha256_of(spec.source)  # loading needs it too
         except OSError:
             continue
         member = _read(folder, spec, sha256, key(sha256, options, fingerprint))
@@ -115,22 +116,23 @@ def store(
         "probe_digest": recorded.probe_digest,
         "outputs_recorded": sorted(recorded.probe_outputs),
     }
-    directory = folder / _FOLDER
+    arrays = io.BytesIO()
+    np.savez(
+        arrays, **{f"output_{index}": value for index, value in recorded.probe_outputs.items()}
+    )
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        arrays = {f"output_{index}": value for index, value in recorded.probe_outputs.items()}
-        _write(directory / f"{name}.npz", lambda handle: np.savez(handle, **arrays))
-        _write(
-            directory / f"{name}.json",
-            lambda handle: handle.write(json.dumps(description).encode()),
-        )
+        write_atomically(folder / _FOLDER / f"{name}.npz", arrays.getvalue())
+        write_atomically(folder / _FOLDER / f"{name}.json", json.dumps(description).encode())
     except OSError:
         return
 
 
-def _write(target: Path, fill: Any) -> None:
+def write_atomically(target: Path, data: bytes) -> None:
+    """Write ``data`` beside ``target`` and rename it into place (the cache's one write,
+    for records and converted units): a reader sees the old file or the new one, whole."""
+    target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=target.parent, prefix=".tmp-", delete=False) as out:
-        fill(out)
+        out.write(data)
     os.replace(out.name, target)
 
 
@@ -162,13 +164,8 @@ def _read(folder: Path, spec: MemberSpec, sha256: str, name: str) -> Member | No
             model=None,
             recorded=recorded,
         )
-    except (
-        OSError,
-        ValueError,
-        KeyError,
-        TypeError,
-        ManifestError,
-    ):  # missing or damaged: no record
+    # Missing or damaged: no record.
+    except (OSError, ValueError, KeyError, TypeError, ManifestError):
         return None
     os.utime(directory / f"{name}.json")  # recently used
     return member

@@ -24,6 +24,7 @@ class MemberSpec:
     name: str
     source: Path | None
     model: Any = None  # an in-memory keras.Model, when given one
+    sha256: str | None = None  # the file's SHA-256 once computed (records look members up by it)
 
     def describe(self) -> str:
         where = self.source.name if self.source is not None else "in memory"

@@ -230,9 +230,9 @@ def build(members: Sequence[Any], head: str | Head = "mean", **options: Any) -> 
         with reporter.task("Fusing, compiling and verifying"):
             loaded, model, function, error = assemble_now(loaded)
 
-    def assemble_later() -> tuple[list[Member], Any, Any, float]:
+    def assemble_later(members: list[Member]) -> tuple[list[Member], Any, Any, float]:
         with reporter.task("Loading the recorded members, fusing, compiling and verifying"):
-            return assemble_now(loaded)
+            return assemble_now(members)
 
     ensemble = Ensemble(
         loaded,
@@ -242,6 +242,7 @@ def build(members: Sequence[Any], head: str | Head = "mean", **options: Any) -> 
         function=function,
         outputs=outputs,
         assemble=assemble_later,
+        load=records.load if records is not None else None,
         tasks=tasks,
         verifier=verifier,
         fusion=fusion,
@@ -264,7 +265,7 @@ def build(members: Sequence[Any], head: str | Head = "mean", **options: Any) -> 
     for line in fusion.notes():
         reporter.note(line)
     reporter.note(
-        "The fused Keras model is assembled only if an artifact needs it (SavedModel, .keras); "
+        "The fused Keras model is assembled only if an artifact needs it (.keras); "
         "every artifact is verified against the members' recorded outputs."
         if error is None
         else f"Fused model matches its members: max abs error {error:.2e} on a probe batch of "

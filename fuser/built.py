@@ -40,6 +40,9 @@ class Built(Protocol):
     conversion: ConversionOptions
     reporter: Reporter
 
+    def load_recorded(self, which: list[Member], why: str) -> None:
+        """Load members taken from their records after all (``why`` is said)."""
+
     @property
     def assembled(self) -> bool:
         """Whether the fused Keras model exists yet (a rebuild assembles it on first use)."""

@@ -18,7 +18,7 @@ import numpy as np
 
 from fuser import __version__
 from fuser.conversion.units import ConversionOptions
-from fuser.formats.writer import Output, output, write
+from fuser.formats.writer import Output, output, write, write_all
 from fuser.fusion.plan import FusionPlan
 from fuser.heads import Head
 from fuser.members import Member
@@ -58,7 +58,8 @@ class Ensemble:
         model: Any,
         function: Any,
         outputs: Sequence[TensorSpec] | None = None,
-        assemble: Callable[[], tuple[list[Member], Any, Any, float]] | None = None,
+        assemble: Callable[[list[Member]], tuple[list[Member], Any, Any, float]] | None = None,
+        load: Callable[[list[Member], list[Member], str], list[Member]] | None = None,
         tasks: dict[str, Task],
         verifier: Verifier,
         fusion: FusionPlan,
@@ -76,6 +77,7 @@ class Ensemble:
         self.head = head
         self._model = model
         self._assemble = assemble
+        self._load = load
         self.tasks = dict(tasks)
         self.inputs: tuple[TensorSpec, ...] = wiring.inputs
         if outputs is None:
@@ -103,11 +105,17 @@ class Ensemble:
         (``fuser.members.records``) assembles it on first use: it loads those members, fuses,
         compiles and verifies as the build does."""
         if self._model is None:
-            members, self._model, self._function, error = self._assemble()
+            members, self._model, self._function, error = self._assemble(self.members)
             self.members = list(members)
             self.named_members = {member.name: member for member in self.members}
             self.verification["max_abs_error"] = error
         return self._model
+
+    def load_recorded(self, which: Sequence[Member], why: str) -> None:
+        """Load members taken from their records after all (``why`` is said)."""
+        if which:
+            self.members = self._load(self.members, list(which), why)
+            self.named_members = {member.name: member for member in self.members}
 
     @property
     def assembled(self) -> bool:
@@ -133,7 +141,7 @@ class Ensemble:
     @property
     def tensorflow_function(self) -> Any:
         """The fused model's ``tf.function`` as traced and verified for TensorFlow (with XLA
-        when the build asked for it): what the SavedModel artifact serves."""
+        when the build asked for it): what a SavedModel saved whole serves."""
         _ = self.model  # assembled on first use
         return self._function
 
@@ -212,6 +220,25 @@ class Ensemble:
         """
         destination = path if isinstance(path, Output) else output(path, force=force)
         return write(self, destination, opset=opset)
+
+    def save_all(
+        self,
+        paths: Sequence[str | os.PathLike | Output],
+        *,
+        force: bool = False,
+        opset: int | None = None,
+    ) -> list[Path]:
+        """Write several artifacts, each as ``save`` does; their paths in the order given.
+        A SavedModel is written first and, joined from units, verified in a fresh process
+        while the others are written (``fuser.formats.writer.write_all``).
+
+        Raises:
+            FuseError, VerificationError: as ``save``; artifacts written before stay.
+        """
+        destinations = [
+            path if isinstance(path, Output) else output(path, force=force) for path in paths
+        ]
+        return write_all(self, destinations, opset=opset)
 
 
 def serving_function(

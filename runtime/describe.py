@@ -62,6 +62,16 @@ def describe(manifest: dict[str, Any], source: str, *, verified: bool = False) -
         figures.append(f"ONNX converted by units ({done})")
     elif isinstance(conversion, dict) and conversion.get("by") == "whole":
         figures.append(f"ONNX converted whole ({conversion.get('why')})")
+    conversion = build.get("savedmodel_conversion")
+    if isinstance(conversion, dict) and conversion.get("by") == "units":
+        units = [unit for unit in conversion.get("units") or [] if isinstance(unit, dict)]
+        cached = sum(1 for unit in units if unit.get("traced") == "cache")
+        figures.append(
+            f"SavedModel joined from units ({cached} from the cache, {len(units) - cached} "
+            "traced here)"
+        )
+    elif isinstance(conversion, dict) and conversion.get("by") == "whole":
+        figures.append(f"SavedModel saved whole ({conversion.get('why')})")
     if figures:
         lines.append("build      " + ", ".join(figures))
     head = manifest["head"]

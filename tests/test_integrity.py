@@ -167,8 +167,8 @@ def test_savedmodel_damage_names_the_file(artifacts, tmp_path):
         runtime.load(flipped)
 
     missing = shutil.copytree(original, tmp_path / "missing")
-    (missing / "fingerprint.pb").unlink()
-    with pytest.raises(IntegrityError, match=r"'fingerprint\.pb' is missing"):
+    (missing / "variables" / "variables.index").unlink()
+    with pytest.raises(IntegrityError, match=r"'variables/variables\.index' is missing"):
         runtime.load(missing)
 
     added = shutil.copytree(original, tmp_path / "added")
@@ -178,10 +178,26 @@ def test_savedmodel_damage_names_the_file(artifacts, tmp_path):
 
 
 def test_keras_artifact_damage_is_refused(artifacts, tmp_path):
+    import io
+    import zipfile
+
     data = artifacts["keras"].read_bytes()
+    # Bytes nothing reads: a local header's version, flags, method, time, date, checksum
+    # and sizes (bytes 4 to 25: zip readers take them from the central directory) and a
+    # central header's time and date (12 to 15); where they fall moves with the manifest's
+    # length.
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        times = set()
+        central = archive.start_dir
+        for entry in archive.infolist():
+            times.update(entry.header_offset + offset for offset in range(4, 26))
+            times.update(central + offset for offset in range(12, 16))
+            central += 46 + len(entry.orig_filename.encode()) + len(entry.extra)
+            central += len(entry.comment)
     rng = np.random.default_rng(1)
     damaged = tmp_path / "damaged.keras"
-    for position in rng.integers(0, len(data), 25).tolist():
+    positions = [p for p in rng.integers(0, len(data), 30).tolist() if p not in times][:25]
+    for position in positions:
         damaged.write_bytes(_flip(data, position, 0xFF))
         with pytest.raises(ArtifactError, match=r"damaged\.keras"):
             runtime.load(damaged)

@@ -106,7 +106,7 @@ def test_a_recorded_member_whose_unit_is_not_cached_is_converted_in_a_worker(
     )
 
 
-def test_a_savedmodel_or_predict_assembles_the_fused_model_on_first_use(tmp_path, cache, features):
+def test_a_keras_file_or_predict_assembles_the_fused_model_on_first_use(tmp_path, cache, features):
     paths = _three(tmp_path)
     fuser.build(paths)
     again = fuser.build(paths)
@@ -115,7 +115,7 @@ def test_a_savedmodel_or_predict_assembles_the_fused_model_on_first_use(tmp_path
     assert again.assembled and _recorded(again) == []
     assert again.verification["max_abs_error"] < 1e-4
     lazy = fuser.build(paths)
-    folder = lazy.save(tmp_path / "e_savedmodel")
+    folder = lazy.save(tmp_path / "e.keras")
     assert lazy.assembled
     loaded = runtime.load(folder)
     assert "fused_model" in loaded.manifest["verification"]

@@ -69,8 +69,7 @@ def build(arguments: argparse.Namespace) -> int:
     ]
     if problems:
         raise FuseError(problems)
-    for each in outputs:
-        ensemble.save(each, opset=arguments.opset)
+    ensemble.save_all(outputs, opset=arguments.opset)
     return EXIT_OK
 
 

@@ -22,9 +22,16 @@ from fuser.conversion.unit import ConversionOptions, Unit
 from fuser.members.records import write_atomically
 
 # The code a converted unit depends on, beside the versions.
-_SOURCES = ("conversion/convert.py", "conversion/unit.py", "conversion/_worker.py")
+_SOURCES = (
+    "conversion/convert.py",
+    "conversion/unit.py",
+    "conversion/units.py",
+    "conversion/_worker.py",
+    "conversion/graph_units.py",
+)
 _SOURCE_FOLDERS = ("fusion",)
 _DEFAULT_CACHE_BYTES = 4_000_000_000
+UNITS = "savedmodel-units"  # the SavedModel's units (``fuser.conversion.graph_units``)
 
 
 def cache_folder(options: ConversionOptions) -> Path | None:
@@ -62,8 +69,11 @@ def fingerprint(
     return versions
 
 
-def key(unit: Unit, input_specs: Sequence[Any], opset: int) -> str | None:
-    """A unit's cache key; None for members that are not files (nothing to hash)."""
+def key(
+    unit: Unit, input_specs: Sequence[Any], opset: int | None, *, target: str = "onnx"
+) -> str | None:
+    """A unit's cache key for ``target`` ("onnx", or "savedmodel" without an opset); None
+    for members that are not files (nothing to hash)."""
     hashes = [member.sha256 for member in unit.members]
     if any(digest is None for digest in hashes):
         return None
@@ -78,6 +88,7 @@ def key(unit: Unit, input_specs: Sequence[Any], opset: int) -> str | None:
         ],
         "slots": unit.slots,
         "opset": opset,
+        "target": target,
         "fingerprint": fingerprint(),
     }
     if unit.kind == "group":
@@ -108,13 +119,12 @@ def store(folder: Path, key: str, model: Any) -> None:
 
 
 def prune(folder: Path) -> None:
-    """Remove the least recently used units beyond ``FUSER_CACHE_BYTES``."""
+    """Remove the least recently used units (ONNX and SavedModel) beyond
+    ``FUSER_CACHE_BYTES``."""
     try:
         limit = int(os.environ.get("FUSER_CACHE_BYTES", _DEFAULT_CACHE_BYTES))
-        entries = sorted(
-            (entry.stat().st_mtime, entry.stat().st_size, entry)
-            for entry in (folder / "onnx-units").glob("*.onnx")
-        )
+        found = [*(folder / "onnx-units").glob("*.onnx"), *(folder / UNITS).glob("*.npz")]
+        entries = sorted((entry.stat().st_mtime, entry.stat().st_size, entry) for entry in found)
     except (OSError, ValueError):
         return
     total = sum(size for _, size, _ in entries)

@@ -41,7 +41,7 @@ from fuser.conversion.unit import ConversionOptions, Unit, units_of
 from fuser.fusion.lowerings import lower
 from fuser.members import branch
 
-__all__ = ["ConversionOptions", "Report", "convert", "why_whole"]
+__all__ = ["ConversionOptions", "Report", "convert", "head_model", "unit_model", "why_whole"]
 
 
 @dataclasses.dataclass
@@ -178,6 +178,13 @@ def _agrees(unit: Unit, ensemble: Built) -> bool:
 
 def _convert_here(unit: Unit, opset: int) -> Any:
     """Convert a unit in this process (a fused group, or a member not from a file)."""
+    model, owner = unit_model(unit)
+    return keras_to_onnx(model, unit.inputs, unit.members[0].inputs, opset, owner=owner)[0]
+
+
+def unit_model(unit: Unit) -> tuple[Any, str]:
+    """A unit as a Keras model: inputs named as the fused inputs it reads, outputs
+    ``out_<slot>`` (float32) per fused output; and who it is, for messages."""
     import keras
     from keras import ops
 
@@ -199,12 +206,19 @@ def _convert_here(unit: Unit, opset: int) -> Any:
         owner = "the fused group of " + ", ".join(member.name for member in unit.members)
     else:
         owner = f'member "{first.name}"'
-    model = keras.Model(inputs, outputs)
-    return keras_to_onnx(model, unit.inputs, first.inputs, opset, owner=owner)[0]
+    return keras.Model(inputs, outputs), owner
 
 
 def _convert_head(ensemble: Built, opset: int) -> Any:
     """The head unit: per fused output ``stacked_<output>`` in, the fused outputs out."""
+    model, names, specs = head_model(ensemble)
+    return keras_to_onnx(model, names, specs, opset)[0]
+
+
+def head_model(ensemble: Built) -> tuple[Any, list[str], list[Any]]:
+    """The head as a Keras model: per fused output the members' values stacked
+    ``(batch, members, ...)`` in member order as ``stacked_<output>``, the fused outputs
+    out (the head and any extra outputs); its input names and specs."""
     import keras
 
     count = len(ensemble.members)
@@ -223,7 +237,7 @@ def _convert_head(ensemble: Built, opset: int) -> Any:
     model = keras.Model(list(inputs.values()), outputs, name="fuser_head")
     names = [f"stacked_{spec.name}" for spec in ensemble.wiring.outputs]
     specs = [_Spec((None, *tensor.shape[1:]), "float32") for tensor in inputs.values()]
-    return keras_to_onnx(model, names, specs, opset)[0]
+    return model, names, specs
 
 
 @dataclasses.dataclass(frozen=True)

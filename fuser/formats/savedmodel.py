@@ -12,12 +12,33 @@ from pathlib import Path
 from typing import Any
 
 from fuser.built import Built
+from fuser.conversion import graph_units
 from fuser.formats.format import Format
+from fuser.formats.onnx import CONVERSION
 from runtime import manifest as manifest_lib
 from runtime.convolutions import native_grouped_convolutions
 
 
 def write(ensemble: Built, path: Path, opset: int) -> dict[str, Any]:
+    """The SavedModel joined from the units' graphs (``fuser.conversion.graph_units``);
+    where it cannot be, the fused model saved whole (``write_whole``)."""
+    import shutil
+
+    why = graph_units.why_whole(ensemble)
+    if why is None:
+        try:
+            conversion = graph_units.write(ensemble, path)
+        except graph_units.NotByUnits as error:
+            shutil.rmtree(path, ignore_errors=True)
+            why = str(error)
+        else:
+            return {"signature": "serving_default", "xla": False, CONVERSION: conversion}
+    details = write_whole(ensemble, path)
+    details[CONVERSION] = {"by": "whole", "why": why}
+    return details
+
+
+def write_whole(ensemble: Built, path: Path) -> dict[str, Any]:
     """The serving function the build traced and verified, and the variables it reads,
     saved as one ``tf.Module``.
 

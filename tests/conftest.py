@@ -281,3 +281,11 @@ def member_mean(paths: list[Path], x) -> np.ndarray:
 @pytest.fixture(scope="session")
 def features() -> np.ndarray:
     return np.random.default_rng(42).normal(size=(13, N_FEATURES)).astype(np.float32)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A cache of this test's own (converted units, member records, SavedModel units)."""
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("FUSER_CACHE_DIR", str(folder))
+    return folder

@@ -28,13 +28,6 @@ from fuser.conversion import workers
 pytestmark = pytest.mark.fusion
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    folder = tmp_path / "cache"
-    monkeypatch.setenv("FUSER_CACHE_DIR", str(folder))
-    return folder
-
-
 def _conversion(path) -> dict:
     return runtime.load(path).manifest["build"]["onnx_conversion"]
 

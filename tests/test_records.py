@@ -25,13 +25,6 @@ from fuser.members import sha256_of
 from runtime.describe import describe
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    folder = tmp_path / "cache"
-    monkeypatch.setenv("FUSER_CACHE_DIR", str(folder))
-    return folder
-
-
 def _recorded(ensemble) -> list[str]:
     return [member.name for member in ensemble.members if member.model is None]
 

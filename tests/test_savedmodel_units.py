@@ -17,13 +17,6 @@ import runtime
 from fuser.conversion import graph_units
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    folder = tmp_path / "cache"
-    monkeypatch.setenv("FUSER_CACHE_DIR", str(folder))
-    return folder
-
-
 def _conversion(path) -> dict:
     return runtime.load(path).manifest["build"]["savedmodel_conversion"]
 

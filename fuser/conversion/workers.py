@@ -26,6 +26,18 @@ WORKER_MIN_BYTES = 16_000_000
 _TIMEOUT_SECONDS = 3600
 
 
+def environment() -> dict[str, str]:
+    """The environment of a helper process (a conversion worker, an artifact's check): this
+    fuser package first on its path, TensorFlow's C++ logs quiet unless asked for."""
+    package_root = str(Path(__file__).resolve().parents[2])
+    path = os.environ.get("PYTHONPATH")
+    return {
+        **os.environ,
+        "PYTHONPATH": package_root + (os.pathsep + path if path else ""),
+        "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3"),
+    }
+
+
 def job(unit: Unit, options: ConversionOptions) -> dict[str, Any] | None:
     """The job a worker process needs to convert ``unit`` on its own, or None when it is
     converted here (groups; small members; members not from files; custom classes a
@@ -89,19 +101,12 @@ class Worker:
         ]
         request = folder / f"jobs_{number}.json"
         request.write_text(json.dumps(self.jobs))
-        package_root = str(Path(__file__).resolve().parents[2])
-        path = os.environ.get("PYTHONPATH")
-        environment = {
-            **os.environ,
-            "PYTHONPATH": package_root + (os.pathsep + path if path else ""),
-            "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3"),
-        }
         self.process = subprocess.Popen(
             [sys.executable, "-m", "fuser.conversion._worker", str(request)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env=environment,
+            env=environment(),
         )
         self.peak: float | None = None
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fuser.built import Built
+from fuser.conversion import workers
 from fuser.errors import FuseError, stage
 from fuser.formats import placement
 from fuser.formats.onnx import CONVERSION, DEFAULT_OPSET, check_opset, data_file_name
@@ -242,13 +243,6 @@ class BackgroundCheck:
         folder.mkdir()
         np.savez(folder / "probe.npz", **probe)
         self.answers = folder / "answers.npz"
-        package_root = str(Path(__file__).resolve().parents[2])
-        path = os.environ.get("PYTHONPATH")
-        environment = {
-            **os.environ,
-            "PYTHONPATH": package_root + (os.pathsep + path if path else ""),
-            "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3"),
-        }
         self.process = subprocess.Popen(
             [
                 sys.executable,
@@ -261,7 +255,7 @@ class BackgroundCheck:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
-            env=environment,
+            env=workers.environment(),
         )
 
     def outputs(self) -> dict:
